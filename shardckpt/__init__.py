@@ -1,0 +1,42 @@
+"""shardckpt: distributed sharded checkpointing for PyTorch.
+
+>>> import shardckpt
+>>> shardckpt.save(state_dict, "ckpts/step_100")
+>>> shardckpt.load(state_dict, "ckpts/step_100")   # reshards to the current world size
+>>> shardckpt.verify("ckpts/step_100")             # checks every chunk's CRC32C
+"""
+
+__version__ = "0.1.0"
+
+from . import knobs
+from .api import VerifyReport, load, save, verify
+from .dcp import SafeLoadPlanner, ShardckptReader, ShardckptWriter
+from .errors import (
+    CheckpointExistsError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ShardckptError,
+)
+
+__all__ = [
+    "save",
+    "load",
+    "verify",
+    "VerifyReport",
+    "knobs",
+    "ShardckptWriter",
+    "ShardckptReader",
+    "SafeLoadPlanner",
+    "ShardckptError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointExistsError",
+    "CheckpointWriteError",
+    "CheckpointReadError",
+]

@@ -1,0 +1,65 @@
+"""How non-tensor values are stored: JSON when it is exact, raw bytes for bytes,
+else torch's weights-only format. Every choice loads without running code."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointWriteError
+
+__all__ = ["encode_object", "decode_object", "INLINE_LIMIT"]
+
+#: JSON values up to this size live inline in the manifest; larger ones in a shard.
+INLINE_LIMIT = 16 << 10
+
+
+def _plain_json(v: Any) -> bool:
+    """True if JSON round-trips ``v`` exactly (types included: no tuples, no int keys)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return True
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if type(v) is list:
+        return all(_plain_json(x) for x in v)
+    if type(v) is dict:
+        return all(isinstance(k, str) and _plain_json(x) for k, x in v.items())
+    return False
+
+
+def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
+    """Given DCP's ``torch.save`` bytes of a value, return ``(encoding, payload, value)``.
+
+    The value is reloaded with ``weights_only=True`` here, at save time, so a value
+    that could only be restored by running pickled code fails now, not at resume.
+    """
+    raw = pickled.getvalue()
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - reported with the key at fault
+        raise CheckpointWriteError(
+            f"value at key {key!r} cannot be saved safely: loading it would need to run pickled "
+            f"code ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Store tensors, "
+            "JSON-like values (int/float/str/bool/None and lists/dicts of them), bytes, or convert it.",
+            key=key,
+        ) from None
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes", bytes(value), value
+    if _plain_json(value):
+        return "json", json.dumps(value, allow_nan=False, separators=(",", ":")).encode(), value
+    return "torch", raw, value
+
+
+def decode_object(encoding: str, payload: bytes) -> Any:
+    """Inverse of ``encode_object``; never unpickles with code execution."""
+    if encoding == "bytes":
+        return payload
+    if encoding == "json":
+        return json.loads(payload)
+    if encoding == "torch":
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    raise ValueError(f"unknown object encoding {encoding!r}")

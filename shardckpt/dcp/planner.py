@@ -1,0 +1,93 @@
+"""A load planner that checks the whole state_dict against the checkpoint first
+and never unpickles with code execution.
+
+DCP's ``DefaultLoadPlanner`` stops at the first missing key, copies across dtypes
+silently, and loads non-tensor values with ``torch.load(weights_only=False)``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint._nested_dict import set_element
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    create_default_local_load_plan,
+)
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+
+from ..errors import CheckpointMismatchError
+
+__all__ = ["SafeLoadPlanner", "compare_state_dict"]
+
+
+def compare_state_dict(
+    state_dict: dict[str, Any], md: dict[str, Any]
+) -> tuple[list[str], list[str], dict[str, str]]:
+    """``(missing, unexpected, mismatched)`` between a flattened state_dict and DCP metadata."""
+    missing = sorted(k for k in state_dict if k not in md)
+    unexpected = sorted(k for k in md if k not in state_dict)
+    mismatched: dict[str, str] = {}
+    for key in sorted(set(state_dict) & set(md)):
+        value, stored = state_dict[key], md[key]
+        is_tensor = isinstance(value, torch.Tensor)
+        if is_tensor != isinstance(stored, TensorStorageMetadata):
+            mismatched[key] = (
+                f"checkpoint holds a {'tensor' if not is_tensor else 'non-tensor value'}, "
+                f"state_dict a {'tensor' if is_tensor else type(value).__name__}"
+            )
+        elif is_tensor:
+            if tuple(value.shape) != tuple(stored.size):
+                mismatched[key] = f"shape {list(stored.size)} in checkpoint, {list(value.shape)} in state_dict"
+            elif value.dtype != stored.properties.dtype:
+                mismatched[key] = f"dtype {stored.properties.dtype} in checkpoint, {value.dtype} in state_dict"
+    return missing, unexpected, mismatched
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` with whole-state_dict checks and weights-only object loading.
+
+    ``strict=True``: any missing or unexpected key, or a shape/dtype mismatch,
+    raises ``CheckpointMismatchError`` listing all of them. ``strict=False``:
+    missing and unexpected keys are skipped (the state_dict keeps its values);
+    shape/dtype mismatches still raise.
+    """
+
+    def __init__(self, strict: bool = True) -> None:
+        super().__init__(allow_partial_load=not strict)
+        self.strict = strict
+
+    def create_local_plan(self) -> LoadPlan:
+        if self.metadata is None:
+            raise RuntimeError("create_local_plan called before set_up_planner")
+        md = self.metadata.state_dict_metadata
+        missing, unexpected, mismatched = compare_state_dict(self.state_dict, md)
+        if mismatched or (self.strict and (missing or unexpected)):
+            parts = []
+            if missing:
+                parts.append(f"missing from checkpoint: {missing}")
+            if unexpected and self.strict:
+                parts.append(f"in checkpoint but not in state_dict: {unexpected}")
+            if mismatched:
+                parts.append("mismatched: " + "; ".join(f"{k}: {v}" for k, v in mismatched.items()))
+            raise CheckpointMismatchError(
+                "checkpoint does not match the state_dict (" + " | ".join(parts) + ")",
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+            )
+        return create_default_local_load_plan(self.state_dict, self.metadata, strict=False)
+
+    def load_object(self, read_item: ReadItem, value: Any) -> None:
+        """Put an already-decoded non-tensor value into the state_dict."""
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = value
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        # Only reached through foreign readers; never allow pickled code to run.
+        self.load_object(read_item, torch.load(value, weights_only=True))

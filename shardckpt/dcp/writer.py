@@ -1,0 +1,256 @@
+"""``StorageWriter`` that writes shardckpt's format.
+
+Call order (DCP drives it; ``[all]`` = every rank, ``[coord]`` = coordinator only):
+
+1. [all]   ``reset(checkpoint_id)`` then ``set_up_storage_writer(is_coordinator)``.
+2. [all]   ``prepare_local_plan(plan)``: unchanged.
+3. [coord] ``prepare_global_plan(plans)``: checks the target (fails closed on a
+   committed checkpoint unless ``overwrite``, clears an incomplete leftover),
+   picks a fresh save id and tells each rank its shard file name. No rank has
+   written anything yet, and DCP turns an error here into an error on every rank.
+4. [all]   ``write_data(plan, planner)``: the rank writes its items, front to back,
+   into one shard file, in chunks with a CRC32C each, then fsyncs it.
+5. [coord] ``finish(metadata, results)``: only reached when every rank's
+   ``write_data`` succeeded; checks every shard's size, commits the manifest
+   (atomically, last), then removes shards an overwrite superseded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from .. import knobs
+from .._checksum import crc32c
+from ..errors import CheckpointWriteError
+from ..format.layout import dtype_name, split_chunks
+from ..format.manifest import (
+    DATA_DIR,
+    BlobRef,
+    ChunkInfo,
+    Entry,
+    Manifest,
+    ObjectEntry,
+    TensorEntry,
+    TensorShard,
+)
+from ..storage import Storage, open_storage
+from ..storage.commit import commit_manifest, prepare_target, remove_unreferenced
+from ._objects import INLINE_LIMIT, encode_object
+
+__all__ = ["ShardckptWriter"]
+
+
+@dataclass(frozen=True)
+class _ShardTarget:
+    """Set by the coordinator in step 3: where this rank writes."""
+
+    file: str
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What ``write_data`` reports per item (travels to the coordinator)."""
+
+    file: str | None
+    offset: int
+    chunks: tuple[ChunkInfo, ...]
+    encoding: str | None = None  # objects only
+    inline: Any = None  # inline JSON object value
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class _ShardWriter:
+    """Appends blobs to one shard file, chunked and checksummed."""
+
+    def __init__(self, storage: Storage, rel: str, chunk_bytes: int) -> None:
+        self._file = storage.open_writer(rel)
+        self.rel, self.pos, self._chunk_bytes = rel, 0, chunk_bytes
+
+    def append(self, data: memoryview, itemsize: int = 1) -> tuple[int, tuple[ChunkInfo, ...]]:
+        start, chunks = self.pos, []
+        for s, e in split_chunks(data.nbytes, self._chunk_bytes, itemsize):
+            piece = data[s:e]
+            chunks.append(ChunkInfo("raw", e - s, e - s, crc32c(piece)))
+            self._file.write(piece)
+        self.pos += data.nbytes
+        return start, tuple(chunks)
+
+
+class ShardckptWriter(StorageWriter):
+    """Write a shardckpt checkpoint at ``path`` (any supported URL).
+
+    Example::
+
+        torch.distributed.checkpoint.save(sd, storage_writer=ShardckptWriter("ckpt/step_10"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.overwrite = overwrite
+        self.user_metadata = dict(metadata or {})
+        self.is_coordinator = False
+        self.world_size = 1
+        self._save_id = ""
+
+    # -- step 1
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self._save_id = ""
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    @property
+    def storage(self) -> Storage:
+        return open_storage(self.path)
+
+    # -- step 2
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    # -- step 3
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        prepare_target(self.storage, self.overwrite)
+        self._save_id = uuid.uuid4().hex[:16]
+        self.world_size = len(plans)
+        return [
+            dataclasses.replace(p, storage_data=_ShardTarget(f"{DATA_DIR}/{self._save_id}-r{r:05d}.bin"))
+            for r, p in enumerate(plans)
+        ]
+
+    # -- step 4
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        target = plan.storage_data
+        if not isinstance(target, _ShardTarget):
+            raise CheckpointWriteError("write_data called without a plan from prepare_global_plan")
+        results = self._write_items(plan, planner, target.file)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_items(self, plan: SavePlan, planner: SavePlanner, rel: str) -> list[WriteResult]:
+        results: list[WriteResult] = []
+        pending: list[tuple[MetadataIndex, str, bytes]] = []
+        tensors = []
+        for item in plan.items:
+            key = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                enc, payload, value = encode_object(key, planner.resolve_data(item))  # type: ignore[arg-type]
+                if enc == "json" and len(payload) <= INLINE_LIMIT:
+                    results.append(WriteResult(item.index, 0, _Stored(None, 0, (), "json", value)))
+                else:
+                    pending.append((item.index, enc, payload))
+            else:
+                tensors.append(item)
+        if not tensors and not pending:
+            return results
+        shard = _ShardWriter(self.storage, rel, knobs.get().chunk_bytes)
+        try:
+            for item in tensors:
+                t = planner.resolve_data(item)
+                try:
+                    itemsize = torch.empty((), dtype=t.dtype).element_size()
+                    dtype_name(t.dtype)
+                except TypeError as e:
+                    raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
+                offset, chunks = shard.append(_tensor_bytes(t), itemsize)  # type: ignore[arg-type]
+                results.append(WriteResult(item.index, shard.pos - offset, _Stored(rel, offset, chunks)))
+            for index, enc, payload in pending:
+                offset, chunks = shard.append(memoryview(payload))
+                results.append(WriteResult(index, len(payload), _Stored(rel, offset, chunks, enc)))
+            shard._file.close()
+        except BaseException:
+            shard._file.abort()
+            raise
+        return results
+
+    # -- step 5
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        by_index: dict[MetadataIndex, _Stored] = {}
+        files: dict[str, int] = {}
+        for rank_results in results:
+            for r in rank_results:
+                st: _Stored = r.storage_data
+                by_index[r.index] = st
+                if st.file is not None:
+                    end = st.offset + sum(c.stored_len for c in st.chunks)
+                    files[st.file] = max(files.get(st.file, 0), end)
+        mappings = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+        entries: dict[str, Entry] = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            key_path = tuple(mappings.get(fqn, (fqn,)))
+            if isinstance(md, TensorStorageMetadata):
+                shards = []
+                for ch in md.chunks:
+                    st = by_index.get(MetadataIndex(fqn, ch.offsets))
+                    if st is None or st.file is None:
+                        raise CheckpointWriteError(f"no rank wrote key {fqn!r} slice at {list(ch.offsets)}", key=fqn)
+                    shards.append(TensorShard(tuple(ch.offsets), tuple(ch.sizes), BlobRef(st.file, st.offset, st.chunks)))
+                entries[fqn] = TensorEntry(dtype_name(md.properties.dtype), tuple(md.size), tuple(shards), key_path)
+            elif isinstance(md, BytesStorageMetadata):
+                st = by_index.get(MetadataIndex(fqn))
+                if st is None:
+                    raise CheckpointWriteError(f"no rank wrote key {fqn!r}", key=fqn)
+                blob = None if st.file is None else BlobRef(st.file, st.offset, st.chunks)
+                entries[fqn] = ObjectEntry(st.encoding, key_path, value=st.inline, blob=blob)  # type: ignore[arg-type]
+        manifest = Manifest(
+            save_id=self._save_id,
+            world_size=self.world_size,
+            created_unix=time.time(),
+            chunk_bytes=knobs.get().chunk_bytes,
+            files=files,
+            entries=entries,
+            library=_library_versions(),
+            metadata=self.user_metadata,
+        )
+        storage = self.storage
+        commit_manifest(storage, manifest)
+        remove_unreferenced(storage, files)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+def _library_versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {"shardckpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
