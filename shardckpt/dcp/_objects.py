@@ -43,7 +43,7 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
     except Exception as e:  # noqa: BLE001 - reported with the key at fault
         raise CheckpointWriteError(
             f"value at key {key!r} cannot be saved safely: loading it would need to run pickled "
-            f"code ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Store tensors, "
+            f"code ({_weights_only_reason(e)}). Store tensors, "
             "JSON-like values (int/float/str/bool/None and lists/dicts of them), bytes, or convert it.",
             key=key,
         ) from None
@@ -52,6 +52,15 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
     if _plain_json(value):
         return "json", json.dumps(value, allow_nan=False, separators=(",", ":")).encode(), value
     return "torch", raw, value
+
+
+def _weights_only_reason(e: Exception) -> str:
+    """The line of torch's weights-only error that names what was refused.
+
+    (Its first line advises weights_only=False, which is wrong advice here.)"""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hit = next((ln for ln in lines if "unsupported" in ln.lower() or "global" in ln.lower()), None)
+    return hit or (lines[0] if lines else type(e).__name__)
 
 
 def decode_object(encoding: str, payload: bytes) -> Any:

@@ -40,7 +40,7 @@ from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry, Tenso
 from ..storage import RandomReader, Storage, open_storage
 from ..storage.commit import read_manifest
 from ._chunks import read_chunks
-from ._objects import decode_object
+from ._objects import _weights_only_reason, decode_object
 
 __all__ = ["ShardckptReader", "manifest_to_metadata"]
 
@@ -235,7 +235,11 @@ def _load_object(files: _Files, item: ReadItem, entry: ObjectEntry, planner: Loa
         try:
             value = decode_object(entry.encoding, bytes(buf.numpy()))
         except Exception as e:  # noqa: BLE001 - a CRC-clean blob that won't decode is still corrupt
-            raise CorruptCheckpointError(f"key {key!r}: stored {entry.encoding} value does not decode: {e}", key=key) from None
+            # torch's message advises weights_only=False: wrong advice for a file we don't trust.
+            why = _weights_only_reason(e)
+            raise CorruptCheckpointError(
+                f"key {key!r}: stored {entry.encoding} value does not decode safely ({type(e).__name__}: {why}); "
+                "refusing to load it", key=key) from None
     setter = getattr(planner, "load_object", None)
     if setter is not None:
         setter(item, value)
