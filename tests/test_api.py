@@ -306,3 +306,15 @@ def test_errors_pickle_with_attributes():
     e2 = pickle.loads(pickle.dumps(e))
     assert type(e2) is CorruptCheckpointError and str(e2) == "boom"
     assert (e2.file, e2.key, e2.chunk) == ("f", "k", 3) and isinstance(e2.rank_errors[1], ValueError)
+
+
+def test_repeated_loads_reuse_read_buffers(tmp_path, small_chunks):
+    # the read buffer pool outlives a load; buffers of different sizes must be reused correctly
+    sd = {"a": torch.randn(3), "b": torch.randn(500), "c": torch.randn(40, 7), "d": torch.randn(2000)}
+    shardckpt.save(sd, tmp_path / "c")
+    for threads in (1, 2, 3, 2):
+        out = {k: torch.zeros_like(v) for k, v in sd.items()}
+        with shardckpt.knobs.override(io_threads=threads, max_read_bytes=1024):
+            shardckpt.load(out, tmp_path / "c")
+        for k in sd:
+            assert torch.equal(out[k], sd[k]), (threads, k)
