@@ -1,16 +1,18 @@
 """Run a test body in N real processes joined by a gloo process group.
 
-Uses torch.multiprocessing's own process launcher (spawn) and a FileStore
-rendezvous, so tests running in parallel under xdist never fight over ports.
-A per-call timeout kills every worker, so a hang fails the test instead of the run.
+Uses torch.multiprocessing's own process launcher (spawn). The parent hosts the
+rendezvous TCPStore on a free loopback port (port 0, so parallel xdist workers
+never collide) and keeps it alive until every worker is gone: no worker's
+teardown can pull the store from under another. A per-call timeout kills every
+worker, so a hang fails the test instead of the run.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -19,13 +21,12 @@ import torch.multiprocessing as mp
 __all__ = ["run_multiprocess"]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, args: tuple[Any, ...]) -> None:
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple[Any, ...]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
-    )
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -38,14 +39,12 @@ def run_multiprocess(fn: Callable[..., Any], nproc: int, *args: Any, timeout: fl
 
     ``fn`` must be a module-level function (it is pickled into spawned workers).
     """
-    fd, store_path = tempfile.mkstemp(prefix="shardckpt-store-")
-    os.close(fd)
-    os.unlink(store_path)  # FileStore creates it; a stale file would confuse rendezvous
+    store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         ctx = mp.start_processes(
-            _entry, args=(fn, nproc, store_path, args), nprocs=nproc, join=False, start_method="spawn"
+            _entry, args=(fn, nproc, store.port, args), nprocs=nproc, join=False, start_method="spawn"
         )
     finally:
         if old is None:
@@ -63,5 +62,4 @@ def run_multiprocess(fn: Callable[..., Any], nproc: int, *args: Any, timeout: fl
                 p.kill()
         for p in ctx.processes:
             p.join(5)
-        if os.path.exists(store_path):
-            os.unlink(store_path)
+        del store  # only now: every worker is gone
