@@ -1,6 +1,10 @@
-"""Collective error handling: every rank runs a step, errors are gathered, and
-every rank raises one typed exception naming the failing ranks. Without
+"""Collectives with error handling: every rank runs a step, errors are gathered,
+and every rank raises one typed exception naming the failing ranks. Without
 torch.distributed (or with one process) the same code runs locally.
+
+Shapes of step, as in DCP's ``_DistWrapper``: ``run`` (every rank, all-gather of
+outcomes), ``reduce_scatter`` (local values → coordinator → one value back per
+rank) and ``all_reduce`` (local values → coordinator → one value to all).
 """
 
 from __future__ import annotations
@@ -14,8 +18,16 @@ import torch.distributed as dist
 from .errors import ShardckptError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["Group", "raise_gathered"]
+
+
+class _Failed:
+    """An exception in transit between ranks."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = _portable(exc)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -27,6 +39,13 @@ def _portable(exc: BaseException) -> BaseException:
         return ShardckptError(f"{type(exc).__name__}: {exc}")
 
 
+def _attempt(fn: Callable[[], T]) -> T | _Failed:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - gathered and re-raised on every rank
+        return _Failed(e)
+
+
 class Group:
     """The process group a call runs over, or a single process."""
 
@@ -35,31 +54,97 @@ class Group:
         self.group = group
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.world_size = dist.get_world_size(group) if self.enabled else 1
+        self.is_coordinator = self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.enabled and self.world_size > 1
+
+    def _coord(self) -> int:
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
+    def _raise_if_failed(self, step: str, outcomes: list[Any], mine: Any, default: type[ShardckptError]) -> None:
+        failures = {r: o.exc for r, o in enumerate(outcomes) if isinstance(o, _Failed)}
+        if failures:
+            local = mine.exc if isinstance(mine, _Failed) else None
+            if not self.distributed and local is not None:
+                raise local
+            raise_gathered(step, failures, default, local=local)
 
     def run(self, step: str, fn: Callable[[], T], default_error: type[ShardckptError]) -> T:
         """Run ``fn`` on every rank; if any rank fails, every rank raises."""
-        try:
-            result: Any = fn()
-            failure: BaseException | None = None
-        except Exception as e:  # noqa: BLE001 - gathered and re-raised below
-            result, failure = None, e
-        if not self.enabled or self.world_size == 1:
-            if failure is not None:
-                raise failure
-            return result
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, None if failure is None else _portable(failure), group=self.group)
-        failures = {r: e for r, e in enumerate(gathered) if e is not None}
-        if failures:
-            raise_gathered(step, failures, default_error, local=failure)
-        return result
+        mine = _attempt(fn)
+        outcomes = [mine]
+        if self.distributed:
+            outcomes = [None] * self.world_size
+            dist.all_gather_object(outcomes, mine, group=self.group)
+        self._raise_if_failed(step, outcomes, mine, default_error)
+        return mine  # type: ignore[return-value]
 
-    def broadcast(self, value: T) -> T:
-        if not self.enabled or self.world_size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
-        return box[0]
+    def reduce_scatter(
+        self,
+        step: str,
+        local_fn: Callable[[], T],
+        global_fn: Callable[[list[T]], list[R]],
+        default_error: type[ShardckptError],
+    ) -> R:
+        """Each rank computes a value; the coordinator maps all of them to one result per rank."""
+        mine = _attempt(local_fn)
+        if not self.distributed:
+            self._raise_if_failed(step, [mine], mine, default_error)
+            out = _attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
+            self._raise_if_failed(step, [out], out, default_error)
+            return out[0]  # type: ignore[index]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
+        dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
+        scatter: list[Any] | None = None
+        if gathered is not None:  # coordinator
+            scatter = self._coordinate(gathered, global_fn)
+        box: list[Any] = [None]
+        dist.scatter_object_list(box, scatter, src=self._coord(), group=self.group)
+        return self._unpack(step, box[0], mine, default_error)
+
+    def all_reduce(
+        self,
+        step: str,
+        local_fn: Callable[[], T],
+        global_fn: Callable[[list[T]], R],
+        default_error: type[ShardckptError],
+    ) -> R:
+        """Each rank computes a value; the coordinator reduces them to one result for all."""
+        mine = _attempt(local_fn)
+        if not self.distributed:
+            self._raise_if_failed(step, [mine], mine, default_error)
+            out = _attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
+            self._raise_if_failed(step, [out], out, default_error)
+            return out  # type: ignore[return-value]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
+        dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
+        box: list[Any] = [None]
+        if gathered is not None:  # coordinator
+            box = [self._coordinate(gathered, lambda vals: [global_fn(vals)] * self.world_size)[0]]
+        dist.broadcast_object_list(box, src=self._coord(), group=self.group)
+        return self._unpack(step, box[0], mine, default_error)
+
+    def _coordinate(self, gathered: list[Any], fn: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """Coordinator: the per-rank results, or the failures for every rank to raise."""
+        failures = {r: o for r, o in enumerate(gathered) if isinstance(o, _Failed)}
+        if failures:
+            return [("failed", {r: f.exc for r, f in failures.items()})] * self.world_size
+        out = _attempt(lambda: fn(gathered))
+        if isinstance(out, _Failed):
+            return [("failed", {self.rank: out.exc})] * self.world_size
+        return [("ok", v) for v in out]
+
+    def _unpack(self, step: str, packed: tuple[str, Any], mine: Any, default: type[ShardckptError]) -> Any:
+        status, value = packed
+        if status == "failed":
+            raise_gathered(step, value, default, local=mine.exc if isinstance(mine, _Failed) else None)
+        return value
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
 
 
 def raise_gathered(

@@ -15,11 +15,11 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from . import knobs
 from ._checksum import implementation as crc_implementation
 from ._dist import Group, raise_gathered
+from ._save import plan_save, write_and_commit
 from .dcp._chunks import check_chunk
 from .dcp.planner import SafeLoadPlanner
 from .dcp.reader import ShardckptReader
@@ -85,16 +85,12 @@ def save(
     group = Group(process_group)
     writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata)
     try:
-        with _dcp_quiet(group):
-            dcp.save(
-                state_dict,
-                storage_writer=writer,
-                planner=DefaultSavePlanner(),
-                process_group=process_group,
-                no_dist=not group.enabled,
-            )
-    except CheckpointException as e:
-        _reraise(e, f"save to {os.fspath(path)}", CheckpointWriteError, group)
+        planned = plan_save(state_dict, writer, group)
+        write_and_commit(planned, planned.planner.resolve_data, group)
+    except ShardckptError:
+        raise
+    except Exception as e:  # single process: give I/O errors etc. the save's type too
+        raise CheckpointWriteError(f"save to {os.fspath(path)} failed: {type(e).__name__}: {e}") from e
 
 
 def load(

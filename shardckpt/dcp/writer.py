@@ -22,6 +22,7 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.metadata import (
     StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
@@ -155,22 +156,24 @@ class ShardckptWriter(StorageWriter):
 
     # -- step 4
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        target = plan.storage_data
-        if not isinstance(target, _ShardTarget):
-            raise CheckpointWriteError("write_data called without a plan from prepare_global_plan")
-        results = self._write_items(plan, planner, target.file)
+        results = self.write_items(plan, planner.resolve_data)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
-    def _write_items(self, plan: SavePlan, planner: SavePlanner, rel: str) -> list[WriteResult]:
+    def write_items(self, plan: SavePlan, resolve: Callable[[WriteItem], Any]) -> list[WriteResult]:
+        """Write every item of this rank's plan; ``resolve`` gives an item's tensor or BytesIO."""
+        target = plan.storage_data
+        if not isinstance(target, _ShardTarget):
+            raise CheckpointWriteError("write_items called without a plan from prepare_global_plan")
+        rel = target.file
         results: list[WriteResult] = []
         pending: list[tuple[MetadataIndex, str, bytes]] = []
         tensors = []
         for item in plan.items:
             key = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
-                enc, payload, value = encode_object(key, planner.resolve_data(item))  # type: ignore[arg-type]
+                enc, payload, value = encode_object(key, resolve(item))
                 if enc == "json" and len(payload) <= INLINE_LIMIT:
                     results.append(WriteResult(item.index, 0, _Stored(None, 0, (), "json", value)))
                 else:
@@ -182,7 +185,7 @@ class ShardckptWriter(StorageWriter):
         shard = _ShardWriter(self.storage, rel, knobs.get().chunk_bytes)
         try:
             for item in tensors:
-                t = planner.resolve_data(item)
+                t = resolve(item)
                 try:
                     itemsize = torch.empty((), dtype=t.dtype).element_size()
                     dtype_name(t.dtype)
