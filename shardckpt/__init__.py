@@ -9,7 +9,8 @@
 __version__ = "0.1.0"
 
 from . import knobs
-from .api import VerifyReport, load, save, verify
+from ._async import AsyncCheckpointer, AsyncSaveHandle
+from .api import VerifyReport, async_save, close, load, save, verify
 from .dcp import SafeLoadPlanner, ShardckptReader, ShardckptWriter
 from .errors import (
     CheckpointExistsError,
@@ -19,11 +20,16 @@ from .errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    SaveInProgressError,
     ShardckptError,
 )
 
 __all__ = [
     "save",
+    "async_save",
+    "close",
+    "AsyncCheckpointer",
+    "AsyncSaveHandle",
     "load",
     "verify",
     "VerifyReport",
@@ -31,6 +37,7 @@ __all__ = [
     "ShardckptWriter",
     "ShardckptReader",
     "SafeLoadPlanner",
+    "SaveInProgressError",
     "ShardckptError",
     "CheckpointNotFoundError",
     "IncompleteCheckpointError",

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import knobs
+from . import _async, knobs
+from ._async import AsyncSaveHandle, Busy
 from ._checksum import implementation as crc_implementation
 from ._dist import Group, raise_gathered
 from ._save import plan_save, write_and_commit
@@ -34,7 +35,7 @@ from .format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
 from .storage import open_storage
 from .storage.commit import read_manifest
 
-__all__ = ["save", "load", "verify", "VerifyReport"]
+__all__ = ["save", "async_save", "close", "load", "verify", "VerifyReport"]
 
 PathLike = str | os.PathLike[str]
 
@@ -58,6 +59,14 @@ def _dcp_quiet(group: Group) -> Iterator[None]:
         yield
 
 
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    if metadata is not None:
+        try:
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
+
+
 def save(
     state_dict: dict[str, Any],
     path: PathLike,
@@ -77,11 +86,8 @@ def save(
 
     >>> shardckpt.save({"model": model.state_dict(), "step": 100}, "ckpts/step_100")
     """
-    if metadata is not None:
-        try:
-            json.dumps(metadata, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
+    _check_metadata(metadata)
+    _async.wait_all()  # one save at a time; reports an earlier background failure
     group = Group(process_group)
     writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata)
     try:
@@ -91,6 +97,42 @@ def save(
         raise
     except Exception as e:  # single process: give I/O errors etc. the save's type too
         raise CheckpointWriteError(f"save to {os.fspath(path)} failed: {type(e).__name__}: {e}") from e
+
+
+def async_save(
+    state_dict: dict[str, Any],
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    staging_budget_bytes: int | None = None,
+    busy: Busy = "wait",
+) -> AsyncSaveHandle | None:
+    """Like ``save``, but return once this rank's state is copied into reused
+    staging buffers; a background thread writes and commits.
+
+    After it returns, the caller may modify or free any tensor: the checkpoint
+    holds the values at call time. ``handle.result()`` waits and re-raises a
+    background failure (typed, naming ranks); ``handle.done()`` polls. Only one
+    save is in flight: see ``busy``. Bound staging memory with
+    ``staging_budget_bytes``. Call ``shardckpt.close()`` (or use an
+    ``AsyncCheckpointer`` as a context manager) before exiting.
+
+    >>> h = shardckpt.async_save(sd, "ckpts/step_200")
+    >>> ...  # training goes on
+    >>> h.result()
+    """
+    _check_metadata(metadata)
+    return _async.default_checkpointer(process_group).async_save(
+        state_dict, path, overwrite=overwrite, metadata=metadata,
+        staging_budget_bytes=staging_budget_bytes, busy=busy,
+    )
+
+
+def close() -> None:
+    """Finish in-flight async saves and shut the background engine down."""
+    _async.close_all()
 
 
 def load(

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointWriteError",
     "CheckpointReadError",
+    "SaveInProgressError",
 ]
 
 
@@ -89,3 +90,7 @@ class CheckpointWriteError(ShardckptError):
 
 class CheckpointReadError(ShardckptError):
     """A load failed for reasons other than corruption or mismatch (I/O, a rank's crash)."""
+
+
+class SaveInProgressError(ShardckptError):
+    """``async_save(..., busy="error")`` while an earlier save is still running on some rank."""

@@ -22,7 +22,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from ..format.manifest import (
     TensorEntry,
     TensorShard,
 )
+from ..staging import Release, StagedTensor
 from ..storage import Storage, open_storage
 from ..storage.commit import commit_manifest, prepare_target, remove_unreferenced
 from ._objects import INLINE_LIMIT, encode_object
@@ -94,13 +95,21 @@ class _ShardWriter:
         self._file = storage.open_writer(rel)
         self.rel, self.pos, self._chunk_bytes = rel, 0, chunk_bytes
 
-    def append(self, data: memoryview, itemsize: int = 1) -> tuple[int, tuple[ChunkInfo, ...]]:
+    def append(self, pieces: Iterable[tuple[memoryview, Release | None]], itemsize: int = 1) -> tuple[int, tuple[ChunkInfo, ...]]:
+        """Write one blob given as consecutive pieces; returns its offset and chunks.
+
+        Chunks never cross a piece boundary (pieces are whole elements), so a
+        staged piece can be handed back (``release``) as soon as it is written.
+        """
         start, chunks = self.pos, []
-        for s, e in split_chunks(data.nbytes, self._chunk_bytes, itemsize):
-            piece = data[s:e]
-            chunks.append(ChunkInfo("raw", e - s, e - s, crc32c(piece)))
-            self._file.write(piece)
-        self.pos += data.nbytes
+        for data, release in pieces:
+            for s, e in split_chunks(data.nbytes, self._chunk_bytes, itemsize):
+                piece = data[s:e]
+                chunks.append(ChunkInfo("raw", e - s, e - s, crc32c(piece)))
+                self._file.write(piece)
+            self.pos += data.nbytes
+            if release is not None:
+                release()
         return start, tuple(chunks)
 
 
@@ -187,14 +196,15 @@ class ShardckptWriter(StorageWriter):
             for item in tensors:
                 t = resolve(item)
                 try:
-                    itemsize = torch.empty((), dtype=t.dtype).element_size()
                     dtype_name(t.dtype)
                 except TypeError as e:
                     raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
-                offset, chunks = shard.append(_tensor_bytes(t), itemsize)  # type: ignore[arg-type]
+                itemsize = t.dtype.itemsize
+                pieces = t.pieces if isinstance(t, StagedTensor) else [(_tensor_bytes(t), None)]
+                offset, chunks = shard.append(pieces, itemsize)
                 results.append(WriteResult(item.index, shard.pos - offset, _Stored(rel, offset, chunks)))
             for index, enc, payload in pending:
-                offset, chunks = shard.append(memoryview(payload))
+                offset, chunks = shard.append([(memoryview(payload), None)])
                 results.append(WriteResult(index, len(payload), _Stored(rel, offset, chunks, enc)))
             shard._file.close()
         except BaseException:
