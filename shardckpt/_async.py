@@ -146,7 +146,12 @@ class AsyncCheckpointer:
         self.wait()
 
         writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata)
-        planned = plan_save(state_dict, writer, bg)
+        try:
+            planned = plan_save(state_dict, writer, bg)
+        except ShardckptError:
+            raise
+        except Exception as e:  # single process: the same typed error as multi-rank
+            raise CheckpointWriteError(f"async save to {writer.path} failed: {type(e).__name__}: {e}") from e
         tensors, objects = [], {}
         for item in planned.plan.items:
             data = planned.planner.resolve_data(item)
