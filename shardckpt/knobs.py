@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 __all__ = ["Knobs", "get", "override"]
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, allow_zero: bool = False) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -21,7 +21,7 @@ def _env_int(name: str, default: int) -> int:
         value = int(raw, 0)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"environment variable {name}={raw!r} must be positive")
     return value
 
@@ -35,6 +35,8 @@ class Knobs:
     io_threads: int = 2
     #: Largest contiguous byte range one read request brings into memory at once.
     max_read_bytes: int = 64 << 20
+    #: Local writes: start kernel writeback every this many bytes (0: only at fsync).
+    writeback_bytes: int = 8 << 20
 
     @staticmethod
     def from_env() -> Knobs:
@@ -43,9 +45,11 @@ class Knobs:
             chunk_bytes=_env_int("SHARDCKPT_CHUNK_BYTES", d.chunk_bytes),
             io_threads=_env_int("SHARDCKPT_IO_THREADS", d.io_threads),
             max_read_bytes=_env_int("SHARDCKPT_MAX_READ_BYTES", d.max_read_bytes),
+            writeback_bytes=_env_int("SHARDCKPT_WRITEBACK_BYTES", d.writeback_bytes, allow_zero=True),
         )
 
 
+_ZERO_OK = {"writeback_bytes"}
 _current: Knobs = Knobs.from_env()
 
 
@@ -63,7 +67,7 @@ def override(**changes: int) -> Iterator[Knobs]:
     if unknown:
         raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(names)}")
     for name, value in changes.items():
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or value < 0 or (value == 0 and name not in _ZERO_OK):
             raise ValueError(f"knob {name} must be a positive int, got {value!r}")
     previous = _current
     _current = replace(previous, **changes)
