@@ -1,4 +1,5 @@
-"""Build the CRC32C extension (plain CPython buffer protocol, no libtorch)."""
+"""Build the C++ extensions (plain CPython buffer protocol, no libtorch):
+CRC32C and the byte-grouping kernels of the compression codec."""
 
 from setuptools import Extension, setup
 
@@ -9,6 +10,12 @@ setup(
             sources=["csrc/crc32c.cpp"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
-        )
+        ),
+        Extension(
+            "shardckpt._bytegroup",
+            sources=["csrc/bytegroup.cpp"],
+            language="c++",
+            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+        ),
     ]
 )

@@ -23,6 +23,7 @@ from .errors import (
     SaveInProgressError,
     ShardckptError,
 )
+from .format.codec import Compression
 
 __all__ = [
     "save",
@@ -34,6 +35,7 @@ __all__ = [
     "verify",
     "VerifyReport",
     "knobs",
+    "Compression",
     "ShardckptWriter",
     "ShardckptReader",
     "SafeLoadPlanner",

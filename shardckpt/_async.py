@@ -31,6 +31,7 @@ from ._dist import Group
 from ._save import plan_save, write_and_commit
 from .dcp.writer import ShardckptWriter
 from .errors import CheckpointWriteError, SaveInProgressError, ShardckptError
+from .format.codec import Compression
 from .staging import SlabStream, StagingPool
 
 __all__ = ["AsyncSaveHandle", "AsyncCheckpointer", "default_checkpointer", "close_all"]
@@ -119,6 +120,7 @@ class AsyncCheckpointer:
         *,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
+        compression: None | str | Compression = None,
         staging_budget_bytes: int | None = None,
         busy: Busy = "wait",
     ) -> AsyncSaveHandle | None:
@@ -145,7 +147,7 @@ class AsyncCheckpointer:
             raise SaveInProgressError(f"an async save is still running; not starting {os.fspath(path)}")
         self.wait()
 
-        writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata)
+        writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata, compression=compression)
         try:
             planned = plan_save(state_dict, writer, bg)
         except ShardckptError:

@@ -31,6 +31,7 @@ from .errors import (
     CorruptCheckpointError,
     ShardckptError,
 )
+from .format.codec import Compression
 from .format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
 from .storage import open_storage
 from .storage.commit import read_manifest
@@ -73,6 +74,7 @@ def save(
     *,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    compression: None | str | Compression = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> None:
     """Save ``state_dict`` as a sharded checkpoint at ``path`` (a path or fsspec URL).
@@ -82,14 +84,16 @@ def save(
     written once (spread over ranks), and rank 0 commits the manifest last, only
     after every rank succeeded. A committed checkpoint at ``path`` is never
     replaced unless ``overwrite=True`` (and then atomically). ``metadata`` is a
-    JSON-able dict stored in the manifest.
+    JSON-able dict stored in the manifest. ``compression``: ``None`` (raw),
+    ``"zstd"`` (byte-grouped zstd with defaults) or a ``Compression``; loading
+    needs no argument (each chunk records its codec).
 
     >>> shardckpt.save({"model": model.state_dict(), "step": 100}, "ckpts/step_100")
     """
     _check_metadata(metadata)
     _async.wait_all()  # one save at a time; reports an earlier background failure
     group = Group(process_group)
-    writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata)
+    writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata, compression=compression)
     try:
         planned = plan_save(state_dict, writer, group)
         write_and_commit(planned, planned.planner.resolve_data, group)
@@ -105,6 +109,7 @@ def async_save(
     *,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    compression: None | str | Compression = None,
     process_group: dist.ProcessGroup | None = None,
     staging_budget_bytes: int | None = None,
     busy: Busy = "wait",
@@ -125,7 +130,7 @@ def async_save(
     """
     _check_metadata(metadata)
     return _async.default_checkpointer(process_group).async_save(
-        state_dict, path, overwrite=overwrite, metadata=metadata,
+        state_dict, path, overwrite=overwrite, metadata=metadata, compression=compression,
         staging_budget_bytes=staging_budget_bytes, busy=busy,
     )
 

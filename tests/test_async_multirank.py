@@ -11,9 +11,10 @@ from tests.multiproc import run_multiprocess
 
 
 def _train_while_saving(rank, world_size, path):
-    import shardckpt
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    import shardckpt
 
     mesh = init_device_mesh("cpu", (world_size,))
     torch.manual_seed(0)

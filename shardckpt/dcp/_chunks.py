@@ -9,6 +9,7 @@ import torch
 
 from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
+from ..format.codec import CodecError, decode
 from ..format.layout import chunk_span
 from ..format.manifest import BlobRef
 from ..storage import RandomReader
@@ -44,17 +45,32 @@ def read_chunks(
     first, end, raw_start = chunk_span([c.raw_len for c in blob.chunks], byte_lo, byte_hi)
     chunks = blob.chunks[first:end]
     stored_start = blob.offset + sum(c.stored_len for c in blob.chunks[:first])
-    total = sum(c.stored_len for c in chunks)
-    buf = alloc(total)
-    view = memoryview(buf.numpy()) if total else memoryview(b"")
+    all_raw = all(c.codec == "raw" for c in chunks)
+    stored_buf = alloc(sum(c.stored_len for c in chunks))
+    stored = _view(stored_buf)
     try:
-        reader.read_into(stored_start, view)
+        reader.read_into(stored_start, stored)
     except EOFError as e:
         raise CorruptCheckpointError(f"{blob.file}: truncated while reading key {key!r}: {e}", file=blob.file, key=key) from None
-    pos = 0
+    # Raw chunks are used where they were read; encoded ones are decoded into a second buffer.
+    out_buf = stored_buf if all_raw else alloc(sum(c.raw_len for c in chunks))
+    out = _view(out_buf)
+    pos = out_pos = 0
     for i, c in enumerate(chunks, start=first):
-        if c.codec != "raw":  # decode_manifest admits only codecs this version implements
-            raise CorruptCheckpointError(f"{blob.file}: chunk {i} of key {key!r} has codec {c.codec!r}", file=blob.file, key=key, chunk=i)
-        check_chunk(view[pos : pos + c.stored_len], c.crc32c, blob.file, key, i, stored_start + pos)
+        piece = stored[pos : pos + c.stored_len]
+        check_chunk(piece, c.crc32c, blob.file, key, i, stored_start + pos)
+        if not all_raw:
+            try:
+                decode(c.codec, piece, c.raw_len, out[out_pos : out_pos + c.raw_len])
+            except CodecError as e:
+                raise CorruptCheckpointError(
+                    f"{blob.file}: chunk {i} of key {key!r} passed its CRC32C but does not decode: {e}",
+                    file=blob.file, key=key, chunk=i,
+                ) from None
         pos += c.stored_len
-    return buf, raw_start
+        out_pos += c.raw_len
+    return out_buf, raw_start
+
+
+def _view(buf: torch.Tensor) -> memoryview:
+    return memoryview(buf.numpy()) if buf.numel() else memoryview(b"")

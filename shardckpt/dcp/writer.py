@@ -22,7 +22,9 @@ import os
 import platform
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +38,13 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
-from torch.futures import Future
+from torch.futures import Future as TorchFuture
 
 from .. import knobs
 from .._checksum import crc32c
 from ..errors import CheckpointWriteError
+from ..format.codec import Compression, encode
+from ..format.codec import resolve as resolve_compression
 from ..format.layout import dtype_name, split_chunks
 from ..format.manifest import (
     DATA_DIR,
@@ -88,29 +92,81 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-class _ShardWriter:
-    """Appends blobs to one shard file, chunked and checksummed."""
+def _encode_chunk(data: memoryview, itemsize: int, cfg: Compression, floating: bool) -> tuple[ChunkInfo, Any]:
+    codec, stored = encode(data, itemsize, cfg, floating=floating)
+    view = memoryview(stored)
+    return ChunkInfo(codec, data.nbytes, view.nbytes, crc32c(view)), stored
 
-    def __init__(self, storage: Storage, rel: str, chunk_bytes: int) -> None:
+
+class _ShardWriter:
+    """Appends blobs to one shard file, chunked, encoded and checksummed.
+
+    With compression, chunks are encoded on a small thread pool (zstd and the
+    byte-grouping kernel release the GIL) while earlier chunks are written, in
+    order; at most ``2 * threads`` encoded chunks wait in memory.
+    """
+
+    def __init__(self, storage: Storage, rel: str, chunk_bytes: int, compression: Compression | None) -> None:
         self._file = storage.open_writer(rel)
         self.rel, self.pos, self._chunk_bytes = rel, 0, chunk_bytes
+        self._cfg = compression
+        self._pool = ThreadPoolExecutor(compression.threads, "shardckpt-encode") if compression else None
 
-    def append(self, pieces: Iterable[tuple[memoryview, Release | None]], itemsize: int = 1) -> tuple[int, tuple[ChunkInfo, ...]]:
+    def append(
+        self,
+        pieces: Iterable[tuple[memoryview, Release | None]],
+        itemsize: int = 1,
+        *,
+        floating: bool = False,
+        compress: bool = True,
+    ) -> tuple[int, tuple[ChunkInfo, ...]]:
         """Write one blob given as consecutive pieces; returns its offset and chunks.
 
         Chunks never cross a piece boundary (pieces are whole elements), so a
         staged piece can be handed back (``release``) as soon as it is written.
         """
         start, chunks = self.pos, []
+        cfg = self._cfg if compress else None
+        window: deque[Any] = deque()
+        limit = 2 * (cfg.threads if cfg else 1)
+
+        def write_oldest() -> None:
+            head = window.popleft()
+            info, stored = head.result() if isinstance(head, Future) else head
+            self._file.write(stored)
+            self.pos += info.stored_len
+            chunks.append(info)
+
         for data, release in pieces:
             for s, e in split_chunks(data.nbytes, self._chunk_bytes, itemsize):
-                piece = data[s:e]
-                chunks.append(ChunkInfo("raw", e - s, e - s, crc32c(piece)))
-                self._file.write(piece)
-            self.pos += data.nbytes
+                view = data[s:e]
+                if cfg is None or self._pool is None:
+                    window.append((ChunkInfo("raw", e - s, e - s, crc32c(view)), view))
+                else:
+                    window.append(self._pool.submit(_encode_chunk, view, itemsize, cfg, floating))
+                while len(window) > limit:
+                    write_oldest()
             if release is not None:
+                # The stager is waiting for this slab: finish its chunks and hand it back
+                # now (the next piece can only arrive after that).
+                while window:
+                    write_oldest()
                 release()
+        while window:
+            write_oldest()
         return start, tuple(chunks)
+
+    def close(self) -> None:
+        self._shutdown()
+        self._file.close()
+
+    def abort(self) -> None:
+        self._shutdown()
+        self._file.abort()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardckptWriter(StorageWriter):
@@ -127,9 +183,11 @@ class ShardckptWriter(StorageWriter):
         *,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
+        compression: None | str | Compression = None,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
+        self.compression = resolve_compression(compression)
         self.overwrite = overwrite
         self.user_metadata = dict(metadata or {})
         self.is_coordinator = False
@@ -164,9 +222,9 @@ class ShardckptWriter(StorageWriter):
         ]
 
     # -- step 4
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
         results = self.write_items(plan, planner.resolve_data)
-        fut: Future[list[WriteResult]] = Future()
+        fut: TorchFuture[list[WriteResult]] = TorchFuture()
         fut.set_result(results)
         return fut
 
@@ -191,7 +249,7 @@ class ShardckptWriter(StorageWriter):
                 tensors.append(item)
         if not tensors and not pending:
             return results
-        shard = _ShardWriter(self.storage, rel, knobs.get().chunk_bytes)
+        shard = _ShardWriter(self.storage, rel, knobs.get().chunk_bytes, self.compression)
         try:
             for item in tensors:
                 t = resolve(item)
@@ -199,16 +257,17 @@ class ShardckptWriter(StorageWriter):
                     dtype_name(t.dtype)
                 except TypeError as e:
                     raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
-                itemsize = t.dtype.itemsize
                 pieces = t.pieces if isinstance(t, StagedTensor) else [(_tensor_bytes(t), None)]
-                offset, chunks = shard.append(pieces, itemsize)
+                floating = t.dtype.is_floating_point or t.dtype.is_complex
+                offset, chunks = shard.append(pieces, t.dtype.itemsize, floating=floating)
                 results.append(WriteResult(item.index, shard.pos - offset, _Stored(rel, offset, chunks)))
             for index, enc, payload in pending:
-                offset, chunks = shard.append([(memoryview(payload), None)])
+                # objects stay raw: their size is then bounded by the file's on load
+                offset, chunks = shard.append([(memoryview(payload), None)], compress=False)
                 results.append(WriteResult(index, len(payload), _Stored(rel, offset, chunks, enc)))
-            shard._file.close()
+            shard.close()
         except BaseException:
-            shard._file.abort()
+            shard.abort()
             raise
         return results
 
@@ -245,7 +304,8 @@ class ShardckptWriter(StorageWriter):
             save_id=self._save_id,
             world_size=self.world_size,
             created_unix=time.time(),
-            chunk_bytes=knobs.get().chunk_bytes,
+            # the largest chunk any rank wrote: ranks may run with other knob values
+            chunk_bytes=max([knobs.get().chunk_bytes] + [c.raw_len for st in by_index.values() for c in st.chunks]),
             files=files,
             entries=entries,
             library=_library_versions(),

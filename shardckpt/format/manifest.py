@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
+from . import codec as _codec
 from .layout import DTYPES
 
 __all__ = [
@@ -45,7 +46,7 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 #: Chunk codecs this version can decode.
-CODECS = frozenset({"raw"})
+CODECS = frozenset(_codec.CODECS)
 ObjectEncoding = Literal["json", "bytes", "torch"]
 _ENCODINGS = ("json", "bytes", "torch")
 
@@ -231,7 +232,7 @@ def validate_relpath(path: Any) -> str:
     return path
 
 
-def _blob(d: dict[str, Any], files: Mapping[str, int], where: str) -> BlobRef:
+def _blob(d: dict[str, Any], files: Mapping[str, int], where: str, max_chunk: int, raw_only: bool = False) -> BlobRef:
     file = validate_relpath(_req(d, "file", str, where))
     if file not in files:
         raise _Bad(f"{where}: file {file!r} is not listed in the manifest's files")
@@ -248,6 +249,11 @@ def _blob(d: dict[str, Any], files: Mapping[str, int], where: str) -> BlobRef:
             raise _Bad(f"{cw}: crc32c {crc} out of range")
         if c[0] == "raw" and raw != stored:
             raise _Bad(f"{cw}: raw chunk with raw_len {raw} != stored_len {stored}")
+        if raw_only and c[0] != "raw":
+            raise _Bad(f"{cw}: object blobs are stored raw, found codec {c[0]!r}")
+        # Bounds what decoding may allocate, whatever a crafted manifest claims.
+        if raw > max_chunk:
+            raise _Bad(f"{cw}: raw_len {raw} exceeds the checkpoint's chunk size {max_chunk}")
         chunks.append(ChunkInfo(c[0], raw, stored, crc))
     blob = BlobRef(file, offset, tuple(chunks))
     if offset + blob.stored_len > files[file]:
@@ -264,7 +270,7 @@ def _key_path(v: Any, where: str) -> tuple[str | int, ...]:
     return tuple(v)
 
 
-def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int]) -> TensorEntry:
+def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chunk: int) -> TensorEntry:
     where = f"entries[{key!r}]"
     dtype = _req(d, "dtype", str, where)
     if dtype not in DTYPES:
@@ -280,7 +286,7 @@ def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int]) -> Tens
             raise _Bad(f"{sw}: offsets/sizes rank differs from shape {list(shape)}")
         if any(o + n > g for o, n, g in zip(offsets, sizes, shape)):
             raise _Bad(f"{sw}: slice {list(offsets)}+{list(sizes)} exceeds shape {list(shape)}")
-        blob = _blob(s, files, sw)
+        blob = _blob(s, files, sw, max_chunk)
         if blob.raw_len != math.prod(sizes) * itemsize:
             raise _Bad(f"{sw}: chunks hold {blob.raw_len} bytes, slice needs {math.prod(sizes) * itemsize}")
         if any(c.raw_len % itemsize for c in blob.chunks):
@@ -289,14 +295,14 @@ def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int]) -> Tens
     return TensorEntry(dtype, shape, tuple(shards), _key_path(d.get("key_path"), where))
 
 
-def _object_entry(key: str, d: dict[str, Any], files: Mapping[str, int]) -> ObjectEntry:
+def _object_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chunk: int) -> ObjectEntry:
     where = f"entries[{key!r}]"
     enc = _req(d, "encoding", str, where)
     if enc not in _ENCODINGS:
         raise _Bad(f"{where}: unknown object encoding {enc!r}")
     kp = _key_path(d.get("key_path"), where)
     if "file" in d:
-        return ObjectEntry(enc, kp, blob=_blob(d, files, where))  # type: ignore[arg-type]
+        return ObjectEntry(enc, kp, blob=_blob(d, files, where, max_chunk, raw_only=True))  # type: ignore[arg-type]
     if enc != "json" or "value" not in d:
         raise _Bad(f"{where}: inline objects must be JSON with a 'value'")
     return ObjectEntry("json", kp, value=d["value"])
@@ -322,20 +328,21 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         files: dict[str, int] = {}
         for name, info in _req(body, "files", dict, "body").items():
             files[validate_relpath(name)] = _nonneg_int(_req(info, "size", int, f"files[{name!r}]"), name)
+        chunk_bytes = _nonneg_int(_req(body, "chunk_bytes", int, "body"), "chunk_bytes")
         entries: dict[str, Entry] = {}
         for key, e in _req(body, "entries", dict, "body").items():
             kind = _req(e, "kind", str, f"entries[{key!r}]")
             if kind == "tensor":
-                entries[key] = _tensor_entry(key, e, files)
+                entries[key] = _tensor_entry(key, e, files, chunk_bytes)
             elif kind == "object":
-                entries[key] = _object_entry(key, e, files)
+                entries[key] = _object_entry(key, e, files, chunk_bytes)
             else:
                 raise _Bad(f"entries[{key!r}]: unknown kind {kind!r}")
         return Manifest(
             save_id=_req(body, "save_id", str, "body"),
             world_size=_nonneg_int(_req(body, "world_size", int, "body"), "world_size"),
             created_unix=float(_req(body, "created_unix", (int, float), "body")),
-            chunk_bytes=_nonneg_int(_req(body, "chunk_bytes", int, "body"), "chunk_bytes"),
+            chunk_bytes=chunk_bytes,
             files=files,
             entries=entries,
             library=_req(body, "library", dict, "body"),
