@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from ._dist import Group
 from ._save import plan_save, write_and_commit
+from .dcp._objects import resolve_object
 from .dcp.writer import ShardckptWriter
 from .errors import CheckpointWriteError, SaveInProgressError, ShardckptError
 from .format.codec import Compression
@@ -156,11 +157,11 @@ class AsyncCheckpointer:
             raise CheckpointWriteError(f"async save to {writer.path} failed: {type(e).__name__}: {e}") from e
         tensors, objects = [], {}
         for item in planned.plan.items:
-            data = planned.planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
-                objects[item.index] = data  # torch.save bytes: already a snapshot
+                # torch.save bytes: a snapshot of the value at call time
+                objects[item.index] = resolve_object(planned.planner.resolve_data, item)
             else:
-                tensors.append((item.index, data))
+                tensors.append((item.index, planned.planner.resolve_data(item)))
         total = sum(t.numel() * t.element_size() for _, t in tensors)
         stream: SlabStream | None = None
         if staging_budget_bytes is not None and total > staging_budget_bytes:

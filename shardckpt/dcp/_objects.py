@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointWriteError
 
-__all__ = ["encode_object", "decode_object", "INLINE_LIMIT"]
+__all__ = ["resolve_object", "encode_object", "decode_object", "INLINE_LIMIT"]
 
 #: JSON values up to this size live inline in the manifest; larger ones in a shard.
 INLINE_LIMIT = 16 << 10
@@ -29,6 +30,18 @@ def _plain_json(v: Any) -> bool:
     if type(v) is dict:
         return all(isinstance(k, str) and _plain_json(x) for k, x in v.items())
     return False
+
+
+def resolve_object(resolve: Callable[[Any], Any], item: Any) -> io.BytesIO:
+    """DCP's ``resolve_data`` for a non-tensor item (it ``torch.save``s the value),
+    with a failure naming the key: a lambda or a lock fails right here."""
+    try:
+        return resolve(item)
+    except Exception as e:  # noqa: BLE001 - reported with the key at fault
+        key = item.index.fqn
+        raise CheckpointWriteError(
+            f"value at key {key!r} cannot be saved: {type(e).__name__}: {e}", key=key
+        ) from e
 
 
 def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:

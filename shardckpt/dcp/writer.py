@@ -59,7 +59,7 @@ from ..format.manifest import (
 from ..staging import Release, StagedTensor
 from ..storage import Storage, open_storage
 from ..storage.commit import commit_manifest, prepare_target, remove_unreferenced
-from ._objects import INLINE_LIMIT, encode_object
+from ._objects import INLINE_LIMIT, encode_object, resolve_object
 
 __all__ = ["ShardckptWriter"]
 
@@ -240,7 +240,7 @@ class ShardckptWriter(StorageWriter):
         for item in plan.items:
             key = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
-                enc, payload, value = encode_object(key, resolve(item))
+                enc, payload, value = encode_object(key, resolve_object(resolve, item))
                 if enc == "json" and len(payload) <= INLINE_LIMIT:
                     results.append(WriteResult(item.index, 0, _Stored(None, 0, (), "json", value)))
                 else:
