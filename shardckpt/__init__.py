@@ -24,6 +24,9 @@ from .errors import (
     ShardckptError,
 )
 from .format.codec import Compression
+from .manager import CheckpointManager
+from .retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy
+from .state import ResumableSampler, TrainState
 
 __all__ = [
     "save",
@@ -35,6 +38,14 @@ __all__ = [
     "verify",
     "VerifyReport",
     "knobs",
+    "TrainState",
+    "ResumableSampler",
+    "CheckpointManager",
+    "CheckpointInfo",
+    "RetentionPolicy",
+    "KeepLast",
+    "KeepEvery",
+    "KeepBest",
     "Compression",
     "ShardckptWriter",
     "ShardckptReader",

@@ -1,0 +1,529 @@
+"""CheckpointManager: step directories under a root, retention, restore from the
+newest checkpoint that is really valid, and preemption handling.
+
+>>> mgr = shardckpt.CheckpointManager("ckpts/run1", keep_last=3, keep_every=1000,
+...                                   keep_best=("val_loss", "min", 2), async_save=True)
+>>> mgr.install_signal_handlers()          # SIGTERM: save at the next boundary, then exit
+>>> start = mgr.restore(state)             # newest valid step, or None: fresh start
+>>> for step in range(0 if start is None else start + 1, total):
+...     train_one_step()                   # save(step) holds the state after step `step`
+...     if mgr.should_save(step):
+...         mgr.save(step, state, metrics={"val_loss": v})
+>>> mgr.close()                            # waits for the in-flight save
+
+Layout: ``<root>/step_<step:010d>/`` is one shardckpt checkpoint of ``{"state":
+state}``, with ``{"step": ..., "metrics": {...}}`` in its manifest metadata.
+
+Owner marker: rank 0 holds ``<root>/.shardckpt-owner`` (host, pid, token) from
+construction to ``close``; a second manager on a root with a live owner gets
+``CheckpointExistsError``; a dead owner on this host, or an earlier attempt of
+the same torchrun job, is taken over with a warning (limits across hosts and on
+object stores: ``shardckpt._preempt``).
+
+Multi-rank call order: every rank constructs the manager and calls
+``restore``, ``should_save``, ``save``, ``wait`` and ``close`` at the same
+points (they are collective). Decisions that must agree (which step to
+restore, whether a preemption is pending) are taken on rank 0 or reduced over
+all ranks, on a gloo group (the given/default group if it is gloo, else one
+created once in the constructor), so no rank diverges. Only rank 0 deletes
+(retention) and holds the owner marker.
+
+Restore strategy: with ``verify_on_restore=True`` rank 0 reads every chunk of a
+candidate (``shardckpt.verify``) before any rank loads it, so the state is only
+ever loaded from a checkpoint that verified. That costs one extra full read of
+the checkpoint on rank 0. With ``verify_on_restore=False`` the candidate is
+loaded directly (``load`` checks the CRC of every chunk it reads); if the load
+fails as corrupt, tensors may already hold part of that checkpoint's values, so
+the manager loads the previous checkpoint into the same state, which writes
+every tensor again (strict load: every key is loaded), and ``load_state_dict``
+of Stateful objects only runs after a load succeeded. If no fallback succeeds
+the call raises, and the state must then be considered garbage.
+
+Preemption: see ``install_signal_handlers`` (torchrun ``--max-restarts``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ._async import AsyncCheckpointer, AsyncSaveHandle
+from ._dist import Group
+from ._preempt import OWNER_MARKER, OwnerMarker, PreemptionFlag, exit_code_for
+from .api import load, save, verify
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ShardckptError,
+)
+from .format.manifest import MANIFEST_NAME, Manifest
+from .retention import (
+    CheckpointInfo,
+    RetentionPolicy,
+    build_policies,
+    metric_values,
+    steps_to_delete,
+)
+from .storage import LocalStorage, Storage, open_storage
+from .storage.commit import read_manifest
+
+__all__ = ["CheckpointManager", "OWNER_MARKER", "step_dirname"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# What makes a candidate unusable (fall back to an older one). Anything else
+# (I/O errors, a rank crashing, a state that does not match) is raised: falling
+# back on a transient error would silently throw away progress.
+_UNUSABLE = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointNotFoundError)
+
+
+def step_dirname(step: int) -> str:
+    """The directory name of ``step`` under a manager's root: ``step_0000000100``."""
+    return f"step_{step:010d}"
+
+
+@dataclass
+class _InFlight:
+    step: int
+    handle: AsyncSaveHandle
+    retained: bool = False  # retention already ran for it (rank 0)
+
+
+class CheckpointManager:
+    """Saves a run's state into step directories under ``root`` (a path or fsspec URL).
+
+    Retention (applied by rank 0 after each save commits): ``keep_last=K``,
+    ``keep_every=N`` (steps divisible by N), ``keep_best=(metric, "min"|"max", K)``
+    and any extra ``policies`` (``shardckpt.retention``); a checkpoint is kept if
+    any of them keeps it. Without any, every checkpoint is kept. The newest valid
+    checkpoint and the one being written are never deleted; incomplete leftovers
+    of crashed saves are removed.
+
+    ``save_interval_steps``: ``should_save(step)`` is True when ``step`` is a
+    multiple of it. ``async_save``: ``save`` returns once the state is staged;
+    the write and commit run in the background (one in flight). Raises
+    ``CheckpointExistsError`` if another live manager owns ``root``; pass
+    ``take_over_lock=True`` when you know its owner is dead (e.g. on another host).
+
+    Retention judges validity cheaply (manifest and shard sizes, no data read),
+    so a checkpoint with a flipped bit still counts as the newest valid one:
+    keep at least two (``keep_last=2``) so ``restore`` has something to fall
+    back to.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: tuple[str, str] | tuple[str, str, int] | None = None,
+        policies: Iterable[RetentionPolicy] | None = None,
+        save_interval_steps: int = 1,
+        async_save: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+        verify_on_restore: bool = True,
+        take_over_lock: bool = False,
+    ) -> None:
+        if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be an integer >= 1, got {save_interval_steps!r}")
+        self.policies = build_policies(keep_last, keep_every, keep_best, policies)
+        self.save_interval_steps = save_interval_steps
+        self.verify_on_restore = verify_on_restore
+        self._storage: Storage = open_storage(root)
+        #: The root as a path (local) or URL.
+        self.root: str = self._storage.url
+        self._pg = process_group
+        self._ctl = _control_group(process_group)
+        self._owner = OwnerMarker(self._storage, take_over=take_over_lock)
+        self._closed = True  # until the root is ours: close() must not release someone else's marker
+        self._on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
+        self._closed = False
+        self._async = AsyncCheckpointer(process_group) if async_save else None
+        self._in_flight: _InFlight | None = None
+        self._preempt: PreemptionFlag | None = None
+        self._exit_code: int | None = None
+        self._decided: tuple[int, int] | None = None  # (step, agreed signal) from should_save
+        # Steps restore found damaged beyond what a cheap scan sees (a flipped bit):
+        # retention must not keep them as "newest valid" over good ones.
+        self._known_bad: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ saving
+
+    def should_save(self, step: int) -> bool:
+        """Whether to save at ``step``: it is a multiple of ``save_interval_steps``, or
+        a preemption signal is pending on any rank. Collective once signal handlers
+        are installed: call it on every rank at every step."""
+        self._check_open()
+        _check_step(step)
+        self._poll_async()
+        signum = self._agree_preemption()
+        self._decided = (step, signum)
+        return bool(signum) or step % self.save_interval_steps == 0
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save ``state`` (an object with ``state_dict()`` / ``load_state_dict()``, or a
+        state_dict) as step ``step``; return whether a save happened.
+
+        Saves when ``force`` or ``should_save(step)`` (the decision of a preceding
+        ``should_save(step)`` call is reused). ``metrics`` (numbers; non-finite
+        ones are stored as None) go into the manifest for ``list()`` and
+        ``keep_best``. ``state.step`` is set to ``step`` if that attribute exists.
+        A step that already has a checkpoint (e.g. re-run after a restore) is
+        replaced atomically. With a preemption pending, saves synchronously,
+        closes the manager and exits the process (``install_signal_handlers``).
+        """
+        self._check_open()
+        _check_step(step)
+        if self._decided is not None and self._decided[0] == step:
+            signum = self._decided[1]
+        else:
+            signum = self._agree_preemption()
+        self._decided = None
+        if not (force or signum or step % self.save_interval_steps == 0):
+            self._poll_async()
+            return False
+        metadata: dict[str, Any] = {"step": step, "metrics": metric_values(metrics)}
+        if hasattr(state, "step"):
+            state.step = step
+        self._on_rank0("checking the owner marker", self._owner.check)
+        self._known_bad.pop(step, None)
+        path = self._step_path(step)
+        # One save in flight: finishing the previous one first also runs its retention.
+        self.wait()
+        if self._async is None or signum:
+            save({"state": state}, path, overwrite=True, metadata=metadata, process_group=self._pg)
+            self._retain()
+        else:
+            handle = self._async.async_save({"state": state}, path, overwrite=True, metadata=metadata)
+            if handle is not None:
+                self._in_flight = _InFlight(step, handle)
+        if signum:
+            self._exit_preempted(signum, step)
+        return True
+
+    def wait(self) -> None:
+        """Wait for the in-flight async save; raise its failure (on every rank)."""
+        f, self._in_flight = self._in_flight, None
+        if f is None:
+            return
+        f.handle.result()
+        if not f.retained:
+            self._retain()
+
+    def _poll_async(self) -> None:
+        # Retention for a background save that has committed. Never raises and
+        # never communicates: ranks may see the save finish at different times;
+        # a failure is raised by the next wait()/save()/close() on every rank.
+        f = self._in_flight
+        if f is None or f.retained or not f.handle.done():
+            return
+        f.retained = True
+        try:
+            f.handle.result(timeout=0)
+        except Exception:  # noqa: BLE001 - reported by wait()
+            return
+        self._retain()
+
+    # ----------------------------------------------------------------- retention
+
+    def _retain(self) -> None:
+        """Rank 0: delete what the policies drop. Failures only warn: a checkpoint
+        that could not be deleted costs space, not correctness."""
+        if not self._ctl.is_coordinator:
+            return
+        # The in-flight step is read before scanning: a save that commits during the
+        # scan is then still protected, never seen as an incomplete leftover.
+        in_flight = {self._in_flight.step} if self._in_flight is not None else set()
+        try:
+            doomed = steps_to_delete(self._scan(deep=False), self.policies, in_flight)
+        except Exception as e:  # noqa: BLE001
+            log.warning("retention skipped: could not list %s: %s", self.root, e)
+            return
+        for c in doomed:
+            rel = step_dirname(c.step)
+            try:
+                # Un-commit first: a deletion cut short leaves an incomplete directory
+                # (collected next time), never a committed one with missing shards.
+                self._storage.remove(f"{rel}/{MANIFEST_NAME}")
+                self._storage.sync_dir(rel)
+                self._storage.remove_tree(rel)
+                log.info("retention: removed step %d (%s)", c.step, c.status)
+            except OSError as e:
+                log.warning("retention: could not remove %s: %s", c.path, e)
+
+    # ------------------------------------------------------------------- restore
+
+    def restore(self, state: Any, step: int | None = None, path: str | os.PathLike[str] | None = None) -> int | None:
+        """Load the newest committed and valid checkpoint into ``state``; return its step.
+
+        Newest first: a candidate that is incomplete or corrupt (or fails to load
+        as corrupt) is skipped with a warning naming the reason, and the previous
+        one is tried. Returns None (and logs "fresh start") when the root holds no
+        checkpoints; raises ``CorruptCheckpointError`` (``IncompleteCheckpointError``
+        if none was corrupt) when checkpoints exist but none is usable, with
+        ``.reasons`` mapping step -> reason: never a silent fresh start.
+        ``step=N`` or ``path=...`` restore exactly that checkpoint and raise if it
+        is not valid; ``path`` may be any checkpoint a manager saved, e.g. under
+        another root (its step comes from its metadata). Collective.
+        """
+        self._check_open()
+        if step is not None and path is not None:
+            raise ValueError("pass step or path, not both")
+        self.wait()  # never read a step our own background save is writing
+        if step is not None or path is not None:
+            target = os.fspath(path) if path is not None else self._step_path(_check_step(step))
+            saved_step = self._on_rank0(f"checking {target}", lambda: self._check_explicit(target))
+            return self._load(state, target, step if step is not None else saved_step)
+        infos = self._on_rank0(f"listing {self.root}", lambda: self._scan(deep=False))
+        if not infos:
+            self._info("no checkpoint under %s: fresh start", self.root)
+            return None
+        reasons: dict[int, str] = {}
+        corrupt = False
+        for info in reversed(infos):
+            problem: tuple[str, str] | None = None
+            if info.status != "valid":
+                problem = (info.status, info.reason or "")
+            elif self.verify_on_restore:
+                problem = self._on_rank0(f"verifying {info.path}", lambda p=info.path: _verify_problem(p))
+            if problem is None:
+                try:
+                    return self._load(state, info.path, info.step)
+                except _UNUSABLE as e:
+                    problem = (_status_of(e), str(e))
+            corrupt = corrupt or problem[0] == "corrupt"
+            reasons[info.step] = f"{problem[0]}: {problem[1]}"
+            if info.status == "valid":  # every rank sees the same problem (decided or gathered)
+                self._known_bad[info.step] = reasons[info.step]
+            if self._ctl.is_coordinator:
+                log.warning("checkpoint step %d at %s is %s (%s); falling back to the previous one",
+                            info.step, info.path, problem[0], problem[1])
+        detail = "; ".join(f"step {s}: {r}" for s, r in reasons.items())
+        cls = CorruptCheckpointError if corrupt else IncompleteCheckpointError
+        raise cls(f"{self.root} holds {len(infos)} checkpoint(s) but none is usable "
+                  f"(refusing to start fresh): {detail}", path=self.root, reasons=reasons)
+
+    def _load(self, state: Any, path: str, step: int | None) -> int | None:
+        load({"state": state}, path, process_group=self._pg)
+        if step is not None and hasattr(state, "step"):
+            state.step = step
+        self._info("restored step %s from %s", step, path)
+        return step
+
+    def _check_explicit(self, path: str) -> int | None:
+        manifest = verify(path).manifest if self.verify_on_restore else _read_checked(open_storage(path))
+        s = manifest.metadata.get("step")
+        if isinstance(s, int) and not isinstance(s, bool):
+            return s
+        m = _STEP_DIR.match(os.path.basename(path.rstrip("/")))
+        return int(m.group(1)) if m else None
+
+    # ---------------------------------------------------------------- preemption
+
+    def install_signal_handlers(
+        self,
+        signals: Sequence[int] = (signal.SIGTERM,),
+        exit_code: int | None = None,
+    ) -> None:
+        """On ``signals``, save at the next ``should_save``/``save`` boundary and exit.
+
+        The handler only records the signal. At the next ``should_save`` (reduced
+        over ranks: one rank getting the signal is enough) it returns True, and
+        ``save`` then saves synchronously on every rank (after finishing an
+        in-flight async save), closes the manager and calls ``sys.exit`` with
+        ``exit_code``: by default 128 + the signal number (143 for SIGTERM), what
+        a shell reports for a process the signal killed. Call it on every rank
+        (it makes ``should_save`` a collective), from the main thread.
+
+        torchrun's elastic agent marks a worker whose exit code is not 0 as FAILED
+        (``torch/distributed/elastic/multiprocessing/api.py``) and, while
+        ``--max-restarts`` allows, restarts the whole worker group
+        (``agent/server/api.py``), which resumes with ``restore``. Exit code 0
+        would read as success and end the job, so it is refused::
+
+            torchrun --nproc-per-node=8 --max-restarts=3 train.py
+
+        If the agent itself gets SIGTERM (the node is preempted) it forwards it to
+        the workers, waits ``--shutdown-timeout`` (30 s) before SIGKILL and does not
+        restart: the save must fit in that grace period, and the scheduler's
+        requeue resumes from the checkpoint.
+        """
+        self._check_open()
+        if exit_code is not None and (not isinstance(exit_code, int) or not 1 <= exit_code <= 255):
+            raise ValueError(f"exit_code must be in 1..255 (0 means success to torchrun: no restart), got {exit_code!r}")
+        if self._preempt is not None:
+            self._preempt.uninstall()
+        self._preempt = PreemptionFlag(signals)
+        self._exit_code = exit_code
+
+    @property
+    def preemption_pending(self) -> bool:
+        """Whether this rank received one of the installed signals (not reduced over ranks)."""
+        return self._preempt is not None and self._preempt.pending
+
+    def _agree_preemption(self) -> int:
+        """The signal any rank received (0 if none), the same value on every rank."""
+        if self._preempt is None:
+            return 0
+        mine = self._preempt.received or 0
+        if not self._ctl.distributed:
+            return mine
+        t = torch.tensor([mine], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctl.group)
+        return int(t.item())
+
+    def _exit_preempted(self, signum: int, step: int) -> None:
+        code = self._exit_code if self._exit_code is not None else exit_code_for(signum)
+        self.close()
+        # Nobody exits before rank 0 finished retention and released the marker:
+        # the first exit makes the launcher SIGTERM (then SIGKILL) the others.
+        self._ctl.barrier()
+        self._info("preemption (%s): saved step %d, exiting with code %d for a restart",
+                   signal.Signals(signum).name, step, code)
+        sys.exit(code)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Wait for the in-flight save (raising its failure), uninstall signal handlers
+        and release the root. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._async is not None:
+                self._async.close()
+            if self._preempt is not None:
+                self._preempt.uninstall()
+            if self._ctl.is_coordinator:
+                self._owner.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardckptError(f"this CheckpointManager for {self.root} is closed")
+
+    # -------------------------------------------------------------------- helpers
+
+    def _step_path(self, step: int) -> str:
+        if isinstance(self._storage, LocalStorage):
+            return os.path.join(self.root, step_dirname(step))
+        return f"{self.root.rstrip('/')}/{step_dirname(step)}"
+
+    def _on_rank0(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
+        g = self._ctl
+        return g.all_reduce(what, lambda: fn() if g.is_coordinator else None,  # type: ignore[return-value]
+                            lambda values: values[0], ShardckptError)
+
+    def _info(self, msg: str, *args: Any) -> None:
+        if self._ctl.is_coordinator:
+            log.info(msg, *args)
+
+    def _scan(self, deep: bool) -> builtins.list[CheckpointInfo]:
+        out = []
+        for name in self._storage.listdir():
+            m = _STEP_DIR.match(name)
+            if m and self._storage.isdir(name):
+                info = _inspect(int(m.group(1)), self._step_path(int(m.group(1))), deep)
+                if info is not None and info.valid and info.step in self._known_bad:
+                    info = replace(info, status="corrupt", reason=f"restore found: {self._known_bad[info.step]}")
+                out += [info] if info is not None else []
+        return sorted(out, key=lambda c: c.step)
+
+    def list(self, deep: bool = False) -> builtins.list[CheckpointInfo]:
+        """Every step directory under the root, oldest first, with its status.
+
+        ``"valid"`` means the manifest decodes and every shard file has its recorded
+        size (cheap: no data read); ``deep=True`` also reads every chunk and checks
+        its CRC32C. Not collective: any rank may call it.
+        """
+        return self._scan(deep)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _control_group(pg: dist.ProcessGroup | None) -> Group:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Group(None)
+    if dist.get_backend(pg) == "gloo":
+        return Group(pg)
+    # Decisions are tiny CPU tensors/objects: a gloo group works whatever the
+    # training backend. Collective over the default group, like the constructor.
+    ranks = dist.get_process_group_ranks(pg) if pg is not None else None
+    return Group(dist.new_group(ranks=ranks, backend="gloo"))
+
+
+def _check_step(step: Any) -> int:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return step
+
+
+def _read_checked(storage: Storage) -> Manifest:
+    """The manifest, plus every shard file present with its recorded size (no data read)."""
+    manifest = read_manifest(storage)
+    for rel, expected in manifest.files.items():
+        try:
+            size: int | None = storage.size(rel)
+        except FileNotFoundError:
+            size = None
+        if size != expected:
+            raise CorruptCheckpointError(
+                f"{storage.url}/{rel}: {'missing' if size is None else f'{size} bytes'}, manifest records {expected}",
+                file=rel)
+    return manifest
+
+
+def _inspect(step: int, path: str, deep: bool) -> CheckpointInfo | None:
+    try:
+        manifest = verify(path).manifest if deep else _read_checked(open_storage(path))
+    except CheckpointNotFoundError:
+        return None  # removed while we looked
+    except _UNUSABLE as e:
+        return CheckpointInfo(step, path, _status_of(e), reason=str(e))
+    metrics = manifest.metadata.get("metrics")
+    return CheckpointInfo(
+        step, path, "valid", size_bytes=manifest.total_bytes, created_unix=manifest.created_unix,
+        metrics=dict(metrics) if isinstance(metrics, dict) else {},
+    )
+
+
+def _verify_problem(path: str) -> tuple[str, str] | None:
+    try:
+        verify(path)
+    except _UNUSABLE as e:
+        return _status_of(e), str(e)
+    return None
+
+
+def _status_of(e: BaseException) -> str:
+    return "corrupt" if isinstance(e, CorruptCheckpointError) else "incomplete"
