@@ -67,7 +67,10 @@ if _REPO not in sys.path:  # benchmark the checkout this file lives in
 N_TENSORS = 16
 COLS = 1024  # each tensor is [rows, COLS] fp32; rows are sharded
 SRC_WORLD = 2  # world size the checkpoints are saved with
-LIBS = ("shardckpt", "dcp")
+LIBS = ("shardckpt", "dcp")  # default --libs
+ALL_LIBS = ("shardckpt", "dcp", "shardckpt-zstd", "dcp-zstd")
+# (ours, peer) pairs whose throughput ratio is reported when both ran
+PAIRS = (("shardckpt", "dcp"), ("shardckpt-zstd", "dcp-zstd"), ("shardckpt-zstd", "dcp"))
 CHECK_TENSORS = (0, N_TENSORS - 1)
 SEED = 20240611
 
@@ -160,6 +163,10 @@ def _make_state(mesh, rows: int, fill: Callable[[int, int, int], Any]) -> dict[s
     return sd
 
 
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 def _meminfo_cached_mib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -222,13 +229,22 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    LIBS = tuple(args.libs)  # noqa: N806 - the run's libraries, in interleaving order
     savers = {
         "shardckpt": lambda sd, p: shardckpt.save(sd, p),
         "dcp": lambda sd, p: dcp.save(sd, storage_writer=FileSystemWriter(p, sync_files=True)),
+        "shardckpt-zstd": lambda sd, p: shardckpt.save(sd, p, compression="zstd"),
+        "dcp-zstd": lambda sd, p: dcp.save(
+            sd, storage_writer=FileSystemWriter(p, sync_files=True, _extensions=[ZStandard()])
+        ),
     }
     loaders = {
         "shardckpt": lambda sd, p: shardckpt.load(sd, p),
         "dcp": lambda sd, p: dcp.load(sd, storage_reader=FileSystemReader(p)),
+        "shardckpt-zstd": lambda sd, p: shardckpt.load(sd, p),
+        "dcp-zstd": lambda sd, p: dcp.load(sd, storage_reader=FileSystemReader(p)),
     }
     n_runs = args.warmup + args.repeats  # run j < args.warmup is an untimed warm-up
     last = {lib: ckpt_path(root, lib, n_runs - 1) for lib in LIBS}
@@ -262,6 +278,8 @@ def worker(args: argparse.Namespace) -> None:
                 log(f"save {lib:9s} {'warm-up' if run < args.warmup else 'run'} {run}: {t:.3f}s")
         results["times"]["save"] = times
         results["warmup_times"]["save"] = warm
+        if rank == 0:
+            results["sizes"] = {lib: _tree_bytes(last[lib]) for lib in LIBS}
         del src
 
     load_op = next((op for op in ops if op != "save"), None)
@@ -332,6 +350,8 @@ def run_phase(phase: str, args: argparse.Namespace, root: str) -> dict[str, Any]
         root,
         "--out",
         out,
+        "--libs",
+        ",".join(args.libs),
     ] + (["--drop-caches"] if args.drop_caches else [])
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -390,9 +410,10 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], total_s
             "page cache: warm (loads right after saves read from the page cache for both libraries)"
         )
     print()
-    hdr = f"{'operation':26s} {'lib':9s} {'median s':>9s} {'GB/s':>7s} {'warm-up s':>9s}  {'timed runs (s)':s}"
+    hdr = f"{'operation':26s} {'lib':14s} {'median s':>9s} {'GB/s':>7s} {'warm-up s':>9s}  {'timed runs (s)':s}"
     print(hdr)
     print("-" * max(len(hdr), 78))
+    LIBS = tuple(args.libs)  # noqa: N806
     ratios = []
     all_correct = True
     for op, (title, _, target) in OPS.items():
@@ -411,13 +432,21 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], total_s
             flag = "" if ok is None else ("  correct" if ok else "  WRONG DATA")
             all_correct = all_correct and ok is not False
             print(
-                f"{title if lib == LIBS[0] else '':26s} {lib:9s} {med[lib]:9.3f} {gb / med[lib] / 1e9:7.2f} {ws:>9s}  "
+                f"{title if lib == LIBS[0] else '':26s} {lib:14s} {med[lib]:9.3f} {gb / med[lib] / 1e9:7.2f} {ws:>9s}  "
                 + " ".join(f"{t:.3f}" for t in ts)
                 + flag
             )
-        ratios.append((title, med["dcp"] / med["shardckpt"], target))
+        for ours, peer in PAIRS:
+            if ours in med and peer in med:
+                tgt = target if (ours, peer) == ("shardckpt", "dcp") else None
+                ratios.append((f"{title} [{ours} / {peer}]", med[peer] / med[ours], tgt))
+    sizes = next((r["sizes"] for r in results.values() if "sizes" in r), None)
+    if sizes:
+        print()
+        print("checkpoint size on disk: " + ", ".join(
+            f"{lib} {sizes[lib] / 1e9:.3f} GB ({gb / sizes[lib]:.3f}x)" for lib in LIBS))
     print()
-    print("ratio = shardckpt throughput / DCP throughput (= DCP median / shardckpt median)")
+    print("ratio = ours throughput / peer throughput (= peer median / ours median)")
     met = True
     for title, ratio, target in ratios:
         if target is None:
@@ -425,7 +454,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], total_s
         else:
             verdict = f"target >= {target:.1f}x  {'MET' if ratio >= target else 'MISSED'}"
             met = met and ratio >= target
-        print(f"  {title:26s} {ratio:5.2f}x   {verdict}")
+        print(f"  {title:52s} {ratio:5.2f}x   {verdict}")
     print()
     phase_walls = ", ".join(f"{p}: {r['wall_s']:.0f}s" for p, r in results.items())
     print(f"total wall time {total_s:.0f}s (phases incl. launch: {phase_walls})")
@@ -437,6 +466,12 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], total_s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0, help="total fp32 state in GiB (default 2)")
+    ap.add_argument(
+        "--libs",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=list(LIBS),
+        help=f"comma-separated, interleaved in this order; from {','.join(ALL_LIBS)} (default shardckpt,dcp)",
+    )
     ap.add_argument(
         "--repeats", type=int, default=3, help="timed runs per library and operation (>= 3)"
     )
@@ -456,6 +491,9 @@ def main() -> None:
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = [lib for lib in args.libs if lib not in ALL_LIBS]
+    if unknown or not args.libs:
+        ap.error(f"--libs: unknown {unknown}; choose from {','.join(ALL_LIBS)}")
     if args.repeats < 3:
         ap.error("--repeats must be >= 3")
     if args.warmup < 0:
