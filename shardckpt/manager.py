@@ -59,15 +59,15 @@ import torch.distributed as dist
 
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._dist import Group
+from ._inspect import UNUSABLE, inspect_checkpoint, read_checked, status_of, verify_problem
 from ._preempt import OWNER_MARKER, OwnerMarker, PreemptionFlag, exit_code_for
 from .api import load, save, verify
 from .errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     ShardckptError,
 )
-from .format.manifest import MANIFEST_NAME, Manifest
+from .format.manifest import MANIFEST_NAME
 from .retention import (
     CheckpointInfo,
     RetentionPolicy,
@@ -76,7 +76,6 @@ from .retention import (
     steps_to_delete,
 )
 from .storage import LocalStorage, Storage, open_storage
-from .storage.commit import read_manifest
 
 __all__ = ["CheckpointManager", "OWNER_MARKER", "step_dirname"]
 
@@ -87,7 +86,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # What makes a candidate unusable (fall back to an older one). Anything else
 # (I/O errors, a rank crashing, a state that does not match) is raised: falling
 # back on a transient error would silently throw away progress.
-_UNUSABLE = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointNotFoundError)
 
 
 def step_dirname(step: int) -> str:
@@ -305,12 +303,12 @@ class CheckpointManager:
             if info.status != "valid":
                 problem = (info.status, info.reason or "")
             elif self.verify_on_restore:
-                problem = self._on_rank0(f"verifying {info.path}", lambda p=info.path: _verify_problem(p))
+                problem = self._on_rank0(f"verifying {info.path}", lambda p=info.path: verify_problem(p))
             if problem is None:
                 try:
                     return self._load(state, info.path, info.step)
-                except _UNUSABLE as e:
-                    problem = (_status_of(e), str(e))
+                except UNUSABLE as e:
+                    problem = (status_of(e), str(e))
             corrupt = corrupt or problem[0] == "corrupt"
             reasons[info.step] = f"{problem[0]}: {problem[1]}"
             if info.status == "valid":  # every rank sees the same problem (decided or gathered)
@@ -331,7 +329,7 @@ class CheckpointManager:
         return step
 
     def _check_explicit(self, path: str) -> int | None:
-        manifest = verify(path).manifest if self.verify_on_restore else _read_checked(open_storage(path))
+        manifest = verify(path).manifest if self.verify_on_restore else read_checked(open_storage(path))
         s = manifest.metadata.get("step")
         if isinstance(s, int) and not isinstance(s, bool):
             return s
@@ -452,7 +450,7 @@ class CheckpointManager:
         for name in self._storage.listdir():
             m = _STEP_DIR.match(name)
             if m and self._storage.isdir(name):
-                info = _inspect(int(m.group(1)), self._step_path(int(m.group(1))), deep)
+                info = inspect_checkpoint(int(m.group(1)), self._step_path(int(m.group(1))), deep)
                 if info is not None and info.valid and info.step in self._known_bad:
                     info = replace(info, status="corrupt", reason=f"restore found: {self._known_bad[info.step]}")
                 out += [info] if info is not None else []
@@ -486,44 +484,3 @@ def _check_step(step: Any) -> int:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     return step
-
-
-def _read_checked(storage: Storage) -> Manifest:
-    """The manifest, plus every shard file present with its recorded size (no data read)."""
-    manifest = read_manifest(storage)
-    for rel, expected in manifest.files.items():
-        try:
-            size: int | None = storage.size(rel)
-        except FileNotFoundError:
-            size = None
-        if size != expected:
-            raise CorruptCheckpointError(
-                f"{storage.url}/{rel}: {'missing' if size is None else f'{size} bytes'}, manifest records {expected}",
-                file=rel)
-    return manifest
-
-
-def _inspect(step: int, path: str, deep: bool) -> CheckpointInfo | None:
-    try:
-        manifest = verify(path).manifest if deep else _read_checked(open_storage(path))
-    except CheckpointNotFoundError:
-        return None  # removed while we looked
-    except _UNUSABLE as e:
-        return CheckpointInfo(step, path, _status_of(e), reason=str(e))
-    metrics = manifest.metadata.get("metrics")
-    return CheckpointInfo(
-        step, path, "valid", size_bytes=manifest.total_bytes, created_unix=manifest.created_unix,
-        metrics=dict(metrics) if isinstance(metrics, dict) else {},
-    )
-
-
-def _verify_problem(path: str) -> tuple[str, str] | None:
-    try:
-        verify(path)
-    except _UNUSABLE as e:
-        return _status_of(e), str(e)
-    return None
-
-
-def _status_of(e: BaseException) -> str:
-    return "corrupt" if isinstance(e, CorruptCheckpointError) else "incomplete"
