@@ -121,7 +121,7 @@ class AsyncCheckpointer:
         *,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
-        compression: None | str | Compression = None,
+        compression: None | str | Compression = "auto",
         staging_budget_bytes: int | None = None,
         busy: Busy = "wait",
     ) -> AsyncSaveHandle | None:

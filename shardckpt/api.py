@@ -74,7 +74,7 @@ def save(
     *,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
-    compression: None | str | Compression = None,
+    compression: None | str | Compression = "auto",
     process_group: dist.ProcessGroup | None = None,
 ) -> None:
     """Save ``state_dict`` as a sharded checkpoint at ``path`` (a path or fsspec URL).
@@ -84,9 +84,10 @@ def save(
     written once (spread over ranks), and rank 0 commits the manifest last, only
     after every rank succeeded. A committed checkpoint at ``path`` is never
     replaced unless ``overwrite=True`` (and then atomically). ``metadata`` is a
-    JSON-able dict stored in the manifest. ``compression``: ``None`` (raw),
-    ``"zstd"`` (byte-grouped zstd with defaults) or a ``Compression``; loading
-    needs no argument (each chunk records its codec).
+    JSON-able dict stored in the manifest. ``compression``: ``"auto"`` (raw on
+    local paths and ``memory://``, byte-grouped zstd on object stores), ``None``
+    (raw), ``"zstd"`` or a ``Compression``; loading needs no argument (each
+    chunk records its codec).
 
     >>> shardckpt.save({"model": model.state_dict(), "step": 100}, "ckpts/step_100")
     """
@@ -109,7 +110,7 @@ def async_save(
     *,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
-    compression: None | str | Compression = None,
+    compression: None | str | Compression = "auto",
     process_group: dist.ProcessGroup | None = None,
     staging_budget_bytes: int | None = None,
     busy: Busy = "wait",

@@ -132,3 +132,19 @@ def test_async_save_with_compression(tmp_path):
 def test_bad_compression_argument():
     with pytest.raises((ValueError, TypeError)):
         shardckpt.save({"a": torch.ones(1)}, "memory://x/bad", compression="lz4")
+
+
+def test_auto_default_is_raw_locally_and_zstd_on_object_stores(tmp_path):
+    from shardckpt.dcp.writer import default_compression
+    from shardckpt.storage import FsspecStorage, open_storage
+
+    sd = {"w": torch.randn(20_000)}
+    shardckpt.save(sd, tmp_path / "c")  # default: "auto"
+    chunks = json.loads((tmp_path / "c" / "manifest.json").read_text())["body"]["entries"]["w"]["shards"][0]["chunks"]
+    assert {c[0] for c in chunks} == {"raw"}
+    assert default_compression(open_storage("memory://auto/x")) is None
+
+    class FakeObjectStore:
+        protocol = ("s3", "s3a")
+
+    assert default_compression(FsspecStorage(FakeObjectStore(), "bucket/x", "s3://bucket/x")) == shardckpt.Compression()

@@ -169,6 +169,20 @@ class _ShardWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def default_compression(storage: Storage) -> Compression | None:
+    """What ``compression="auto"`` means for a backend, from measurements on a 2-core box
+    (2 GiB, 2 ranks): raw saved at 3.5 GB/s to a local disk, byte-grouped zstd at
+    2.1 GB/s (encoding-bound) while storing 1.2x less. zstd wins wherever storage
+    is slower than ~2 GB/s per job: object stores. Local disks and memory: raw."""
+    from ..storage import FsspecStorage
+
+    if not isinstance(storage, FsspecStorage):
+        return None
+    protocol = getattr(storage.fs, "protocol", ())
+    protocols = {protocol} if isinstance(protocol, str) else set(protocol)
+    return None if "memory" in protocols else Compression()
+
+
 class ShardckptWriter(StorageWriter):
     """Write a shardckpt checkpoint at ``path`` (any supported URL).
 
@@ -183,11 +197,13 @@ class ShardckptWriter(StorageWriter):
         *,
         overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
-        compression: None | str | Compression = None,
+        compression: None | str | Compression = "auto",
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
-        self.compression = resolve_compression(compression)
+        self.compression = (
+            default_compression(open_storage(self.path)) if compression == "auto" else resolve_compression(compression)
+        )
         self.overwrite = overwrite
         self.user_metadata = dict(metadata or {})
         self.is_coordinator = False
