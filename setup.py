@@ -8,12 +8,14 @@ setup(
         Extension(
             "shardckpt._crc32c",
             sources=["csrc/crc32c.cpp"],
+            depends=["csrc/pyext_common.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
         ),
         Extension(
             "shardckpt._bytegroup",
             sources=["csrc/bytegroup.cpp"],
+            depends=["csrc/pyext_common.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
         ),

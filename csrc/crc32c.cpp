@@ -37,6 +37,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "pyext_common.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -751,49 +753,7 @@ int to_unsigned(PyObject* obj, unsigned long long max_value, const char* what,
 
 // Minimal vectorcall argument parser: fills out[0..nnames) from positional
 // and keyword arguments; `nrequired` leading ones are mandatory.
-int parse_args(const char* fname, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
-               const char* const* names, Py_ssize_t nnames, Py_ssize_t nrequired,
-               PyObject** out) {
-    for (Py_ssize_t i = 0; i < nnames; ++i) out[i] = nullptr;
-    if (nargs > nnames) {
-        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd arguments (%zd given)", fname,
-                     nnames, nargs);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < nargs; ++i) out[i] = args[i];
-    if (kwnames != nullptr) {
-        const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t j = 0; j < nkw; ++j) {
-            PyObject* key = PyTuple_GET_ITEM(kwnames, j);
-            Py_ssize_t slot = -1;
-            for (Py_ssize_t i = 0; i < nnames; ++i) {
-                if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0) {
-                    slot = i;
-                    break;
-                }
-            }
-            if (slot < 0) {
-                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
-                             fname, key);
-                return -1;
-            }
-            if (out[slot] != nullptr) {
-                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
-                             fname, names[slot]);
-                return -1;
-            }
-            out[slot] = args[nargs + j];
-        }
-    }
-    for (Py_ssize_t i = 0; i < nrequired; ++i) {
-        if (out[i] == nullptr) {
-            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname,
-                         names[i]);
-            return -1;
-        }
-    }
-    return 0;
-}
+using shardckpt_ext::parse_args;
 
 PyObject* run_crc(KernelFn fn, PyObject* data, PyObject* value_obj) {
     unsigned long long value = 0;
@@ -863,22 +823,9 @@ PyObject* py_implementation(PyObject*, PyObject*) {
 }
 
 PyObject* py_available_implementations(PyObject*, PyObject*) {
-    PyObject* list = PyList_New(0);
-    if (list == nullptr) return nullptr;
-    for (size_t i = 0; i < kNumImpls; ++i) {
-        if (!g_impls[i].supported) continue;
-        PyObject* s = PyUnicode_FromString(g_impls[i].name);
-        if (s == nullptr || PyList_Append(list, s) < 0) {
-            Py_XDECREF(s);
-            Py_DECREF(list);
-            return nullptr;
-        }
-        Py_DECREF(s);
-    }
-    return list;
+    return shardckpt_ext::supported_names(g_impls, kNumImpls);
 }
 
-#define FASTCALL_KW(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f))
 
 PyMethodDef g_methods[] = {
     {"crc32c", FASTCALL_KW(py_crc32c), METH_FASTCALL | METH_KEYWORDS,
