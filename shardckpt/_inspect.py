@@ -12,7 +12,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteC
 from .format.manifest import Manifest
 from .retention import CheckpointInfo
 from .storage import Storage, open_storage
-from .storage.commit import read_manifest
+from .storage.commit import read_manifest, size_mismatches
 
 __all__ = ["inspect_checkpoint", "verify_problem", "read_checked", "status_of", "UNUSABLE"]
 
@@ -23,15 +23,8 @@ UNUSABLE = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointNotFoun
 def read_checked(storage: Storage) -> Manifest:
     """The manifest, plus every shard file present with its recorded size (no data read)."""
     manifest = read_manifest(storage)
-    for rel, expected in manifest.files.items():
-        try:
-            size: int | None = storage.size(rel)
-        except FileNotFoundError:
-            size = None
-        if size != expected:
-            raise CorruptCheckpointError(
-                f"{storage.url}/{rel}: {'missing' if size is None else f'{size} bytes'}, manifest records {expected}",
-                file=rel)
+    for rel, why in size_mismatches(storage, manifest.files).items():
+        raise CorruptCheckpointError(f"{storage.url}/{rel}: {why}", file=rel)
     return manifest
 
 

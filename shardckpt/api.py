@@ -34,7 +34,7 @@ from .errors import (
 from .format.codec import Compression
 from .format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
 from .storage import open_storage
-from .storage.commit import read_manifest
+from .storage.commit import read_manifest, size_mismatches
 
 __all__ = ["save", "async_save", "close", "load", "verify", "VerifyReport"]
 
@@ -206,18 +206,9 @@ def verify(path: PathLike) -> VerifyReport:
     t0 = time.perf_counter()
     storage = open_storage(path)
     manifest = read_manifest(storage)
-    damaged: list[CorruptCheckpointError] = []
-    good_files = set()
-    for rel, expected in manifest.files.items():
-        try:
-            size = storage.size(rel)
-        except FileNotFoundError:
-            size = None
-        if size != expected:
-            damaged.append(CorruptCheckpointError(
-                f"{rel}: {'missing' if size is None else f'{size} bytes'}, manifest records {expected}", file=rel))
-        else:
-            good_files.add(rel)
+    wrong_size = size_mismatches(storage, manifest.files)
+    damaged = [CorruptCheckpointError(f"{rel}: {why}", file=rel) for rel, why in wrong_size.items()]
+    good_files = set(manifest.files) - set(wrong_size)
 
     def check(job: tuple[str, BlobRef]) -> tuple[int, int, list[CorruptCheckpointError]]:
         key, blob = job

@@ -26,7 +26,7 @@ from ..errors import (
 from ..format.manifest import DATA_DIR, MANIFEST_NAME, Manifest, decode_manifest, encode_manifest
 from .base import Storage
 
-__all__ = ["prepare_target", "commit_manifest", "read_manifest", "remove_unreferenced"]
+__all__ = ["prepare_target", "commit_manifest", "read_manifest", "remove_unreferenced", "size_mismatches"]
 
 log = logging.getLogger(__name__)
 _OURS = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", DATA_DIR}
@@ -60,19 +60,26 @@ def prepare_target(storage: Storage, overwrite: bool) -> None:
     storage.makedirs(DATA_DIR)
 
 
+def size_mismatches(storage: Storage, files: Mapping[str, int]) -> dict[str, str]:
+    """Shard files that are missing or not of their recorded size: path -> what is wrong."""
+    wrong = {}
+    for rel, expected in files.items():
+        try:
+            size: int | None = storage.size(rel)
+        except FileNotFoundError:
+            size = None
+        if size != expected:
+            wrong[rel] = f"{'missing' if size is None else f'{size} bytes'}, manifest records {expected}"
+    return wrong
+
+
 def commit_manifest(storage: Storage, manifest: Manifest) -> None:
     """Coordinator, after every rank reported success: check shard sizes, then publish."""
-    wrong = []
-    for rel, expected in manifest.files.items():
-        try:
-            actual = storage.size(rel)
-        except FileNotFoundError:
-            actual = None
-        if actual != expected:
-            wrong.append(f"{rel}: expected {expected} bytes, found {actual}")
+    wrong = size_mismatches(storage, manifest.files)
     if wrong:
         raise CheckpointWriteError(
-            f"not committing {storage.url}: shard files do not match what ranks reported: {wrong[:5]}",
+            f"not committing {storage.url}: shard files do not match what ranks reported: "
+            + "; ".join(f"{rel}: {why}" for rel, why in list(wrong.items())[:5]),
             path=storage.url,
         )
     storage.sync_dir(DATA_DIR)
