@@ -17,13 +17,12 @@ fallback (useful for testing it).
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from ._native import Native
 
 __all__ = ["group", "ungroup", "ungroup_planes", "implementation", "is_compiled"]
 
@@ -96,35 +95,15 @@ def _numpy_ungroup_planes(planes: Sequence[Any], dst: Any) -> None:
 # Selection between the extension and the fallback.
 # ---------------------------------------------------------------------------
 
-_compiled: Any = None
-if os.environ.get(_FORCE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-    _reason = f"{_FORCE_ENV} is set"
-else:
-    try:
-        from . import _bytegroup as _compiled  # type: ignore[no-redef]
-    except ImportError as exc:  # not built, or built for another interpreter
-        _compiled = None
-        _reason = f"the compiled extension shardckpt._bytegroup could not be imported ({exc})"
-    else:
-        _reason = ""
-
-_warn_lock = threading.Lock()
-_warned = False
-
-
-def _warn_once() -> None:
-    global _warned
-    with _warn_lock:
-        if _warned:
-            return
-        _warned = True
-    warnings.warn(
-        f"shardckpt is using the slow numpy byte-grouping fallback because {_reason}; "
-        "compressed save/load will be slower than with the extension "
-        "(reinstall shardckpt with a C++ compiler available to build it).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+_native = Native(
+    "_bytegroup",
+    _FORCE_ENV,
+    "numpy byte-grouping fallback",
+    "compressed save/load will be slower than with the extension",
+)
+_compiled: Any = _native.module
+_reason = _native.reason
+_warn_once = _native.warn_once
 
 
 if _compiled is not None:
@@ -140,19 +119,19 @@ else:
 
     def group(src: Any, dst: Any, width: int) -> None:
         """Split ``width``-byte elements of ``src`` into byte planes in ``dst``."""
-        if not _warned:
+        if not _native.warned:
             _warn_once()
         _numpy_group(src, dst, width)
 
     def ungroup(src: Any, dst: Any, width: int) -> None:
         """Inverse of :func:`group`."""
-        if not _warned:
+        if not _native.warned:
             _warn_once()
         _numpy_ungroup(src, dst, width)
 
     def ungroup_planes(planes: Sequence[Any], dst: Any) -> None:
         """Inverse of :func:`group` from separate plane buffers."""
-        if not _warned:
+        if not _native.warned:
             _warn_once()
         _numpy_ungroup_planes(planes, dst)
 

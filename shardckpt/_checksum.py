@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
-import threading
-import warnings
 from typing import Any
+
+from ._native import Native
 
 __all__ = ["crc32c", "crc32c_combine", "implementation", "is_compiled"]
 
@@ -242,41 +241,16 @@ def _software_crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _env_forces_software() -> bool:
-    return os.environ.get(_FORCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-_compiled: Any = None
-_import_error: BaseException | None = None
-if _env_forces_software():
-    _reason = f"{_FORCE_ENV} is set"
-else:
-    try:
-        from . import _crc32c as _compiled  # type: ignore[no-redef]
-    except ImportError as exc:  # not built, or built for another interpreter
-        _compiled = None
-        _import_error = exc
-        _reason = f"the compiled extension shardckpt._crc32c could not be imported ({exc})"
-    else:
-        _reason = ""
-
-_warn_lock = threading.Lock()
-_warned = False
-
-
-def _warn_once() -> None:
-    global _warned
-    with _warn_lock:
-        if _warned:
-            return
-        _warned = True
-    warnings.warn(
-        f"shardckpt is using the slow pure-Python CRC32C fallback because {_reason}; "
-        "checksumming will be orders of magnitude slower than with the extension "
-        "(reinstall shardckpt with a C++ compiler available to build it).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+_native = Native(
+    "_crc32c",
+    _FORCE_ENV,
+    "pure-Python CRC32C fallback",
+    "checksumming will be orders of magnitude slower than with the extension",
+)
+_compiled: Any = _native.module
+_import_error = _native.import_error
+_reason = _native.reason
+_warn_once = _native.warn_once
 
 
 if _compiled is not None:
@@ -291,7 +265,7 @@ else:
 
     def crc32c(data: Any, value: int = 0) -> int:
         """CRC32C of a C-contiguous buffer, continuing from ``value``."""
-        if not _warned:
+        if not _native.warned:
             _warn_once()
         return _software_crc32c(data, value)
 
