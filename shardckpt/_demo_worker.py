@@ -45,12 +45,14 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
@@ -175,12 +177,20 @@ def train(cfg: DemoConfig, root: str, run_dir: str, phase: str, freeze_at: int |
     if cfg.global_batch % world:
         raise ValueError(f"global batch {cfg.global_batch} is not divisible by world size {world}")
     per_rank = cfg.global_batch // world
+    # Seed every global RNG, as a real training script does: a resume restores
+    # them, so the resumed run's streams match the uninterrupted run's exactly.
+    random.seed(cfg.seed * 1000 + rank)
+    np.random.seed(cfg.seed * 1000 + rank)
+    torch.manual_seed(cfg.seed)
     dataset = make_dataset(cfg)
     model = _parallelize(make_model(cfg), cfg, world)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler)
+    # Its own generator: creating a DataLoader iterator draws a seed, and a resumed
+    # run creates its iterator at another point than the uninterrupted run did.
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     state = TrainState(model=model, optimizer=opt, scheduler=sched, sampler=sampler,
                        config=dataclasses.asdict(cfg))
 
