@@ -700,7 +700,6 @@ PyObject* py_available_implementations(PyObject*, PyObject*) {
     return shardckpt_ext::supported_names(g_impls, kNumImpls);
 }
 
-
 PyMethodDef g_methods[] = {
     {"group", FASTCALL_KW(py_group), METH_FASTCALL | METH_KEYWORDS,
      "group(src, dst, width, impl=None) -> None\n\n"

@@ -826,7 +826,6 @@ PyObject* py_available_implementations(PyObject*, PyObject*) {
     return shardckpt_ext::supported_names(g_impls, kNumImpls);
 }
 
-
 PyMethodDef g_methods[] = {
     {"crc32c", FASTCALL_KW(py_crc32c), METH_FASTCALL | METH_KEYWORDS,
      "crc32c(data, value=0) -> int\n\n"

@@ -112,19 +112,7 @@ class Group:
         default_error: type[ShardckptError],
     ) -> R:
         """Each rank computes a value; the coordinator reduces them to one result for all."""
-        mine = _attempt(local_fn)
-        if not self.distributed:
-            self._raise_if_failed(step, [mine], mine, default_error)
-            out = _attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
-            self._raise_if_failed(step, [out], out, default_error)
-            return out  # type: ignore[return-value]
-        gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
-        box: list[Any] = [None]
-        if gathered is not None:  # coordinator
-            box = [self._coordinate(gathered, lambda vals: [global_fn(vals)] * self.world_size)[0]]
-        dist.broadcast_object_list(box, src=self._coord(), group=self.group)
-        return self._unpack(step, box[0], mine, default_error)
+        return self.reduce_scatter(step, local_fn, lambda vals: [global_fn(vals)] * len(vals), default_error)
 
     def _coordinate(self, gathered: list[Any], fn: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """Coordinator: the per-rank results, or the failures for every rank to raise."""

@@ -2,7 +2,7 @@
 and never unpickles with code execution.
 
 DCP's ``DefaultLoadPlanner`` stops at the first missing key, copies across dtypes
-silently, and loads non-tensor values with ``torch.load(weights_only=False)``.
+silently, and loads non-tensor values with torch.load with weights-only mode off.
 """
 
 from __future__ import annotations
