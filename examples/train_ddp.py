@@ -110,4 +110,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # exits 143 on preemption (torchrun restarts), even if gloo teardown would abort
+    shardckpt.run_and_exit(main)

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import knobs
 from ._async import AsyncCheckpointer, AsyncSaveHandle
+from ._preempt import run_and_exit
 from .api import VerifyReport, async_save, close, load, save, verify
 from .dcp import SafeLoadPlanner, ShardckptReader, ShardckptWriter
 from .errors import (
@@ -41,6 +42,7 @@ __all__ = [
     "TrainState",
     "ResumableSampler",
     "CheckpointManager",
+    "run_and_exit",
     "CheckpointInfo",
     "RetentionPolicy",
     "KeepLast",

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -57,6 +56,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._preempt import run_and_exit
 from .format.manifest import MANIFEST_NAME
 from .manager import CheckpointManager, step_dirname
 from .state import ResumableSampler, TrainState
@@ -281,4 +281,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)  # exit 143 on preemption reaches torchrun even if teardown would abort

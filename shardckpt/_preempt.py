@@ -44,21 +44,24 @@ manager whose root was taken over stops writing instead of interleaving.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import CheckpointExistsError
 from .storage import LocalStorage, Storage
 
-__all__ = ["PreemptionFlag", "exit_code_for", "OwnerMarker", "OWNER_MARKER"]
+__all__ = ["PreemptionFlag", "exit_code_for", "OwnerMarker", "OWNER_MARKER", "run_and_exit"]
 
 log = logging.getLogger("shardckpt.manager")
 OWNER_MARKER = ".shardckpt-owner"
@@ -225,3 +228,36 @@ def _describe(owner: Mapping[str, Any]) -> str:
     when = owner.get("created_unix")
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else "?"
     return f"host {owner.get('hostname')}, pid {owner.get('pid')}, since {since}"
+
+
+def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
+    """Run a training script's ``main`` and exit with its code, reliably.
+
+    The manager ends a preempted run with ``SystemExit(143)`` (128 + signal), the
+    code torchrun's agent restarts on. With gloo process groups, interpreter
+    teardown sometimes aborts the process afterwards ("terminate called without
+    an active exception": exit -6 instead of 143), even after
+    ``destroy_process_group``. This runs ``main`` (its ``finally`` blocks and
+    context managers run as usual), then the ``atexit`` handlers (loggers flush),
+    flushes stdio and leaves with ``os._exit``, skipping only that teardown.
+
+    >>> if __name__ == "__main__":
+    ...     shardckpt.run_and_exit(main)
+    """
+    try:
+        result = main()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported like an uncaught exception, then exit 1
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

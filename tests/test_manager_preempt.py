@@ -10,6 +10,8 @@ import sys
 import textwrap
 import threading
 
+import pytest
+
 from shardckpt.manager import OWNER_MARKER, CheckpointManager
 
 TRAIN = textwrap.dedent("""
@@ -82,6 +84,7 @@ def test_sigterm_saves_at_next_boundary_and_exits_restartable(tmp_path):
 TORCHRUN_WORKER = textwrap.dedent("""
     import os, signal, sys
     import torch, torch.distributed as dist
+    from shardckpt import run_and_exit
     from shardckpt.manager import CheckpointManager, step_dirname
 
     class Tiny:
@@ -92,35 +95,38 @@ TORCHRUN_WORKER = textwrap.dedent("""
         def load_state_dict(self, sd):
             self.w, self.step = sd["w"], sd["step"]
 
-    # A per-attempt prefix: torchrun hands every attempt the same agent store, and a
-    # plain init_process_group("gloo") after a restart may read the dead attempt's
-    # gloo addresses from it (connection refused or a hang, about half the time here).
-    attempt, root = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), sys.argv[1]
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    rank = dist.get_rank()
-    if attempt == 1 and rank == 0:
-        # damage the preemption checkpoint: every rank must fall back to the same step
-        data = os.path.join(root, step_dirname(7), "data")
-        shard = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
-        with open(shard, "r+b") as f:
-            b = f.read(1); f.seek(0); f.write(bytes([b[0] ^ 1]))
-    state = Tiny()
-    mgr = CheckpointManager(root, keep_last=2, save_interval_steps=5, async_save=True)
-    mgr.install_signal_handlers()
-    start = mgr.restore(state)
-    assert start is None or torch.equal(state.w, torch.full((100,), float(start)))
-    print(f"rank {rank} attempt {attempt} start {start}", flush=True)
-    for step in range(0 if start is None else start + 1, 12):
-        state.w.fill_(step)
-        if attempt == 0 and rank == 1 and step == 7:
-            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is told
-        if mgr.should_save(step):
-            mgr.save(step, state)
-    mgr.close()
-    print(f"rank {rank} finished", flush=True)
-    dist.destroy_process_group()
+    def main():
+        # A per-attempt prefix: torchrun hands every attempt the same agent store, and a
+        # plain init_process_group("gloo") after a restart may read the dead attempt's
+        # gloo addresses from it (connection refused or a hang, about half the time here).
+        attempt, root = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), sys.argv[1]
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        rank = dist.get_rank()
+        if attempt == 1 and rank == 0:
+            # damage the preemption checkpoint: every rank must fall back to the same step
+            data = os.path.join(root, step_dirname(7), "data")
+            shard = max((os.path.join(data, n) for n in os.listdir(data)), key=os.path.getsize)
+            with open(shard, "r+b") as f:
+                b = f.read(1); f.seek(0); f.write(bytes([b[0] ^ 1]))
+        state = Tiny()
+        mgr = CheckpointManager(root, keep_last=2, save_interval_steps=5, async_save=True)
+        mgr.install_signal_handlers()
+        start = mgr.restore(state)
+        assert start is None or torch.equal(state.w, torch.full((100,), float(start)))
+        print(f"rank {rank} attempt {attempt} start {start}", flush=True)
+        for step in range(0 if start is None else start + 1, 12):
+            state.w.fill_(step)
+            if attempt == 0 and rank == 1 and step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is told
+            if mgr.should_save(step):
+                mgr.save(step, state)
+        mgr.close()
+        print(f"rank {rank} finished", flush=True)
+        dist.destroy_process_group()
+
+    run_and_exit(main)
 """)
 
 
@@ -142,3 +148,31 @@ def test_torchrun_restarts_after_one_ranks_sigterm_and_ranks_agree_on_fallback(t
         assert f"rank {rank} finished" in log
     with CheckpointManager(root) as mgr:
         assert [(c.step, c.status) for c in mgr.list()] == [(5, "valid"), (10, "valid")]
+
+
+@pytest.mark.parametrize(
+    "body,code,stdout,stderr",
+    [
+        ("return 0", 0, "done", ""),
+        ("return None", 0, "done", ""),
+        ("raise SystemExit(143)", 143, "done", ""),
+        ("raise ValueError('boom')", 1, "done", "ValueError: boom"),
+    ],
+)
+def test_run_and_exit_keeps_the_exit_code_and_runs_atexit(tmp_path, body, code, stdout, stderr):
+    script = tmp_path / "s.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, sys
+        from shardckpt import run_and_exit
+        atexit.register(lambda: print("done", flush=True))
+        def main():
+            try:
+                {body}
+            finally:
+                print("finally ran", end=" ")
+        run_and_exit(main)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == code, out.stderr
+    assert out.stdout.startswith("finally ran") and stdout in out.stdout
+    assert stderr in out.stderr
