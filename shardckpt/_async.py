@@ -27,12 +27,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from . import knobs
 from ._dist import Group
-from ._save import plan_save, write_and_commit
-from .dcp._objects import resolve_object
-from .dcp.writer import ShardckptWriter
+from ._save import SaveRequest, plan_save, typed_save_errors, write_and_commit
 from .errors import CheckpointWriteError, SaveInProgressError, ShardckptError
 from .format.codec import Compression
+from .format.objects import resolve_object
 from .staging import SlabStream, StagingPool
 
 __all__ = ["AsyncSaveHandle", "AsyncCheckpointer", "default_checkpointer", "close_all"]
@@ -124,6 +124,7 @@ class AsyncCheckpointer:
         compression: None | str | Compression = "auto",
         staging_budget_bytes: int | None = None,
         busy: Busy = "wait",
+        storage_options: dict[str, Any] | None = None,
     ) -> AsyncSaveHandle | None:
         """Start a save; return once this rank's state is staged.
 
@@ -141,6 +142,8 @@ class AsyncCheckpointer:
         if staging_budget_bytes is not None and staging_budget_bytes <= 0:
             raise ValueError("staging_budget_bytes must be positive")
         t0 = time.perf_counter()
+        request = SaveRequest.make(path, overwrite=overwrite, metadata=metadata, compression=compression,
+                                   storage_options=storage_options)
         bg, ctl = self._groups()
         if busy != "wait" and self._any_rank_busy(ctl):
             if busy == "skip":
@@ -148,13 +151,9 @@ class AsyncCheckpointer:
             raise SaveInProgressError(f"an async save is still running; not starting {os.fspath(path)}")
         self.wait()
 
-        writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata, compression=compression)
-        try:
-            planned = plan_save(state_dict, writer, bg)
-        except ShardckptError:
-            raise
-        except Exception as e:  # single process: the same typed error as multi-rank
-            raise CheckpointWriteError(f"async save to {writer.path} failed: {type(e).__name__}: {e}") from e
+        what = f"async save to {request.path}"
+        with knobs.use(request.knobs), typed_save_errors(what):
+            planned = plan_save(state_dict, request.writer(), bg)
         tensors, objects = [], {}
         for item in planned.plan.items:
             if item.type == WriteItemType.BYTE_IO:
@@ -174,12 +173,10 @@ class AsyncCheckpointer:
             return objects[item.index] if item.index in objects else staged[item.index]
 
         def job() -> None:
+            # The caller's knobs at call time, not whatever is in force when this runs.
             try:
-                write_and_commit(planned, resolve, bg)
-            except ShardckptError:
-                raise
-            except Exception as e:  # single process: same typed error as multi-rank
-                raise CheckpointWriteError(f"async save to {writer.path} failed: {type(e).__name__}: {e}") from e
+                with knobs.use(request.knobs), typed_save_errors(what):
+                    write_and_commit(planned, resolve, bg)
             finally:
                 if stream is not None:
                     stream.abort()
@@ -193,7 +190,7 @@ class AsyncCheckpointer:
         fut.add_done_callback(self._forget_success)
         if stream is not None:
             stream.produce()
-        return AsyncSaveHandle(self, writer.path, fut, time.perf_counter() - t0)
+        return AsyncSaveHandle(self, request.path, fut, time.perf_counter() - t0)
 
     def _forget_success(self, fut: Future[None]) -> None:
         if fut.exception() is None:

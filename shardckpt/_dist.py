@@ -2,9 +2,15 @@
 and every rank raises one typed exception naming the failing ranks. Without
 torch.distributed (or with one process) the same code runs locally.
 
-Shapes of step, as in DCP's ``_DistWrapper``: ``run`` (every rank, all-gather of
-outcomes), ``reduce_scatter`` (local values → coordinator → one value back per
-rank) and ``all_reduce`` (local values → coordinator → one value to all).
+Shapes of step, as in DCP's ``_DistWrapper``: ``run`` (every rank runs ``fn``;
+only a success/failure status is all-gathered, never ``fn``'s result),
+``gather_scatter`` (local values → coordinator → one value back per rank) and
+``gather_broadcast`` (local values → coordinator → one value to all).
+
+Collectives that check success carry status, not results: a step whose
+result every rank already has (its own manifest, its own plan) must not send
+it to every other rank, which costs O(world² × entries) in bytes and
+unpickling at scale.
 """
 
 from __future__ import annotations
@@ -72,16 +78,18 @@ class Group:
             raise_gathered(step, failures, default, local=local)
 
     def run(self, step: str, fn: Callable[[], T], default_error: type[ShardckptError]) -> T:
-        """Run ``fn`` on every rank; if any rank fails, every rank raises."""
+        """Run ``fn`` on every rank; if any rank fails, every rank raises. Only the
+        status travels (``None`` or the failure), not ``fn``'s result."""
         mine = _attempt(fn)
-        outcomes = [mine]
+        status = mine if isinstance(mine, _Failed) else None
+        outcomes: list[Any] = [status]
         if self.distributed:
             outcomes = [None] * self.world_size
-            dist.all_gather_object(outcomes, mine, group=self.group)
-        self._raise_if_failed(step, outcomes, mine, default_error)
+            dist.all_gather_object(outcomes, status, group=self.group)
+        self._raise_if_failed(step, outcomes, status, default_error)
         return mine  # type: ignore[return-value]
 
-    def reduce_scatter(
+    def gather_scatter(
         self,
         step: str,
         local_fn: Callable[[], T],
@@ -104,15 +112,28 @@ class Group:
         dist.scatter_object_list(box, scatter, src=self._coord(), group=self.group)
         return self._unpack(step, box[0], mine, default_error)
 
-    def all_reduce(
+    def gather_broadcast(
         self,
         step: str,
         local_fn: Callable[[], T],
         global_fn: Callable[[list[T]], R],
         default_error: type[ShardckptError],
     ) -> R:
-        """Each rank computes a value; the coordinator reduces them to one result for all."""
-        return self.reduce_scatter(step, local_fn, lambda vals: [global_fn(vals)] * len(vals), default_error)
+        """Each rank computes a value; the coordinator turns them into one result for all
+        (sent once, by broadcast)."""
+        mine = _attempt(local_fn)
+        if not self.distributed:
+            self._raise_if_failed(step, [mine], mine, default_error)
+            out = _attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
+            self._raise_if_failed(step, [out], out, default_error)
+            return out  # type: ignore[return-value]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
+        dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
+        box: list[Any] = [None]
+        if gathered is not None:
+            box[0] = self._coordinate(gathered, lambda vals: [global_fn(vals)])[0]
+        dist.broadcast_object_list(box, src=self._coord(), group=self.group)
+        return self._unpack(step, box[0], mine, default_error)
 
     def _coordinate(self, gathered: list[Any], fn: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """Coordinator: the per-rank results, or the failures for every rank to raise."""

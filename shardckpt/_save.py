@@ -9,8 +9,11 @@ Call order, per part (``[all]`` every rank, ``[coord]`` the coordinator):
              local plan = writer.prepare_local_plan(planner.create_local_plan())
   2. [coord] gathered plans → planner.create_global_plan (dedups replicas, balanced
              by size) → writer.prepare_global_plan (checks/clears the target,
-             assigns shard files) → one plan back to each rank
-  3. [all]   planner.finish_plan
+             writes the shared-storage probe, assigns shard files) → one plan
+             back to each rank
+  3. [all]   planner.finish_plan; writer.check_shared (the coordinator's probe is
+             visible: ranks on a node-local path fail here, before any byte of
+             data is written); only the status is gathered
 ``write_and_commit``
   4. [all]   writer.write_items: this rank's shard file, chunked, CRC32C, fsynced
   5. [coord] only if every rank succeeded: writer.finish commits the manifest
@@ -23,8 +26,11 @@ monolithic call; it uses only DCP's public planner and storage interfaces.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from dataclasses import dataclass
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,11 +39,67 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.stateful import Stateful
 
+from . import knobs
 from ._dist import Group
 from .dcp.writer import ShardckptWriter
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, ShardckptError
+from .format.codec import Compression
+from .format.codec import resolve as resolve_compression
 
-__all__ = ["PlannedSave", "plan_save", "write_and_commit"]
+__all__ = ["SaveRequest", "PlannedSave", "plan_save", "write_and_commit", "typed_save_errors"]
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """Everything a save was asked for, fixed at call time and shared by ``save``,
+    ``async_save`` and the writer. ``knobs`` is the snapshot the whole save runs
+    under, so ``knobs.override()`` around ``async_save`` also governs the part
+    that runs later on the background thread."""
+
+    path: str
+    overwrite: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    compression: None | str | Compression = "auto"
+    storage_options: Mapping[str, Any] | None = None
+    knobs: knobs.Knobs = field(default_factory=knobs.get)
+
+    @classmethod
+    def make(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        compression: None | str | Compression = "auto",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> SaveRequest:
+        if metadata is not None:
+            try:
+                json.dumps(metadata, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
+        if compression != "auto":
+            resolve_compression(compression)  # a bad argument is a usage error, raised here
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+        return cls(os.fspath(path), bool(overwrite), dict(metadata or {}), compression,
+                   dict(storage_options) if storage_options is not None else None, knobs.get())
+
+    def writer(self) -> ShardckptWriter:
+        return ShardckptWriter(self.path, overwrite=self.overwrite, metadata=dict(self.metadata),
+                               compression=self.compression, storage_options=self.storage_options)
+
+
+@contextmanager
+def typed_save_errors(what: str) -> Iterator[None]:
+    """Single-process failures (I/O errors, ...) get the save's type too, as the
+    gathered multi-rank ones do."""
+    try:
+        yield
+    except ShardckptError:
+        raise
+    except Exception as e:
+        raise CheckpointWriteError(f"{what} failed: {type(e).__name__}: {e}") from e
 
 Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
 
@@ -70,8 +132,13 @@ def plan_save(state_dict: dict[str, Any], writer: ShardckptWriter, group: Group)
         global_md.append(md)
         return writer.prepare_global_plan(plans)
 
-    central = group.reduce_scatter("planning the save", local, coordinate, CheckpointWriteError)
-    final = group.run("planning the save", lambda: planner.finish_plan(central), CheckpointWriteError)
+    def finish() -> SavePlan:
+        plan = planner.finish_plan(central)
+        writer.check_shared(plan, group.rank)
+        return plan
+
+    central = group.gather_scatter("planning the save", local, coordinate, CheckpointWriteError)
+    final = group.run("planning the save", finish, CheckpointWriteError)
     return PlannedSave(writer, planner, final, global_md[0] if global_md else None)
 
 
@@ -81,7 +148,7 @@ def write_and_commit(planned: PlannedSave, resolve: Resolver, group: Group) -> N
             raise CheckpointWriteError("commit reached without the global plan's metadata")
         planned.writer.finish(planned.metadata, results)
 
-    group.all_reduce(
+    group.gather_broadcast(
         f"saving {planned.writer.path}",
         lambda: planned.writer.write_items(planned.plan, resolve),
         commit,

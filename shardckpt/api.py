@@ -1,15 +1,17 @@
-"""The user-facing calls: ``save``, ``load``, ``verify``."""
+"""The user-facing calls: ``save``, ``async_save``, ``load``, ``verify``.
+
+Every path is a local path or a URL (``s3://bucket/prefix``, ``file://``, any
+fsspec URL); ``storage_options`` go to the backend (for S3: s3fs's arguments,
+e.g. ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``),
+else the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import time
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -18,27 +20,19 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from . import _async, knobs
 from ._async import AsyncSaveHandle, Busy
-from ._checksum import implementation as crc_implementation
 from ._dist import Group, raise_gathered
-from ._save import plan_save, write_and_commit
-from .dcp._chunks import check_chunk
+from ._save import SaveRequest, plan_save, typed_save_errors, write_and_commit
 from .dcp.planner import SafeLoadPlanner
 from .dcp.reader import ShardckptReader
-from .dcp.writer import ShardckptWriter
-from .errors import (
-    CheckpointReadError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    ShardckptError,
-)
+from .errors import CheckpointReadError, ShardckptError
 from .format.codec import Compression
-from .format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
 from .storage import open_storage
-from .storage.commit import read_manifest, size_mismatches
+from .store import CheckpointDir, VerifyReport, verify_dir
 
 __all__ = ["save", "async_save", "close", "load", "verify", "VerifyReport"]
 
 PathLike = str | os.PathLike[str]
+StorageOptions = Mapping[str, Any] | None
 
 
 def _reraise(e: CheckpointException, step: str, default: type[ShardckptError], group: Group) -> None:
@@ -60,14 +54,6 @@ def _dcp_quiet(group: Group) -> Iterator[None]:
         yield
 
 
-def _check_metadata(metadata: dict[str, Any] | None) -> None:
-    if metadata is not None:
-        try:
-            json.dumps(metadata, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
-
-
 def save(
     state_dict: dict[str, Any],
     path: PathLike,
@@ -76,6 +62,7 @@ def save(
     metadata: dict[str, Any] | None = None,
     compression: None | str | Compression = "auto",
     process_group: dist.ProcessGroup | None = None,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Save ``state_dict`` as a sharded checkpoint at ``path`` (a path or fsspec URL).
 
@@ -87,21 +74,21 @@ def save(
     JSON-able dict stored in the manifest. ``compression``: ``"auto"`` (raw on
     local paths and ``memory://``, byte-grouped zstd on object stores), ``None``
     (raw), ``"zstd"`` or a ``Compression``; loading needs no argument (each
-    chunk records its codec).
+    chunk records its codec). On several ranks the path must be storage every
+    rank sees (a shared filesystem or an object store): a node-local path is
+    detected before any data is written (``CheckpointWriteError`` naming the
+    ranks that cannot see the coordinator's files).
 
     >>> shardckpt.save({"model": model.state_dict(), "step": 100}, "ckpts/step_100")
+    >>> shardckpt.save(sd, "s3://bucket/run1/step_100", storage_options={"profile": "train"})
     """
-    _check_metadata(metadata)
+    request = SaveRequest.make(path, overwrite=overwrite, metadata=metadata, compression=compression,
+                               storage_options=storage_options)
     _async.wait_all()  # one save at a time; reports an earlier background failure
     group = Group(process_group)
-    writer = ShardckptWriter(path, overwrite=overwrite, metadata=metadata, compression=compression)
-    try:
-        planned = plan_save(state_dict, writer, group)
+    with knobs.use(request.knobs), typed_save_errors(f"save to {request.path}"):
+        planned = plan_save(state_dict, request.writer(), group)
         write_and_commit(planned, planned.planner.resolve_data, group)
-    except ShardckptError:
-        raise
-    except Exception as e:  # single process: give I/O errors etc. the save's type too
-        raise CheckpointWriteError(f"save to {os.fspath(path)} failed: {type(e).__name__}: {e}") from e
 
 
 def async_save(
@@ -114,6 +101,7 @@ def async_save(
     process_group: dist.ProcessGroup | None = None,
     staging_budget_bytes: int | None = None,
     busy: Busy = "wait",
+    storage_options: StorageOptions = None,
 ) -> AsyncSaveHandle | None:
     """Like ``save``, but return once this rank's state is copied into reused
     staging buffers; a background thread writes and commits.
@@ -129,10 +117,9 @@ def async_save(
     >>> ...  # training goes on
     >>> h.result()
     """
-    _check_metadata(metadata)
     return _async.default_checkpointer(process_group).async_save(
         state_dict, path, overwrite=overwrite, metadata=metadata, compression=compression,
-        staging_budget_bytes=staging_budget_bytes, busy=busy,
+        staging_budget_bytes=staging_budget_bytes, busy=busy, storage_options=storage_options,
     )
 
 
@@ -147,6 +134,7 @@ def load(
     *,
     strict: bool = True,
     process_group: dist.ProcessGroup | None = None,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Load the checkpoint at ``path`` into ``state_dict`` in place, resharding to
     the current world size and placements.
@@ -157,9 +145,11 @@ def load(
     still raise ``CheckpointMismatchError``).
     """
     group = Group(process_group)
-    storage = open_storage(path)
-    manifest = group.run("reading the manifest", lambda: read_manifest(storage), CheckpointReadError)
-    reader = ShardckptReader(path, manifest=manifest)
+    opts = dict(storage_options) if storage_options is not None else None
+    # Each rank reads the manifest itself; only success/failure is gathered.
+    manifest = group.run("reading the manifest", lambda: CheckpointDir.at(path, opts).read_manifest(),
+                         CheckpointReadError)
+    reader = ShardckptReader(path, manifest=manifest, storage_options=opts)
     try:
         with _dcp_quiet(group):
             dcp.load(
@@ -173,82 +163,12 @@ def load(
         _reraise(e, f"load from {os.fspath(path)}", CheckpointReadError, group)
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    """What ``verify`` checked."""
-
-    path: str
-    files: int
-    chunks: int
-    bytes_checked: int
-    seconds: float
-    crc_implementation: str
-    manifest: Manifest = field(repr=False)
-
-
-def _blobs(m: Manifest) -> list[tuple[str, BlobRef]]:
-    out = []
-    for key, e in m.entries.items():
-        if isinstance(e, TensorEntry):
-            out += [(key, s.blob) for s in e.shards]
-        elif isinstance(e, ObjectEntry) and e.blob is not None:
-            out.append((key, e.blob))
-    return out
-
-
-def verify(path: PathLike) -> VerifyReport:
-    """Check the manifest, every shard file's size and every chunk's CRC32C.
+def verify(path: PathLike, *, storage_options: StorageOptions = None) -> VerifyReport:
+    """Check the manifest, every shard file's size, every chunk's CRC32C, and that
+    every compressed chunk decodes.
 
     Raises ``CorruptCheckpointError`` listing every damaged place (its ``damaged``
     attribute), ``IncompleteCheckpointError`` / ``CheckpointNotFoundError`` when
     there is nothing committed to verify.
     """
-    t0 = time.perf_counter()
-    storage = open_storage(path)
-    manifest = read_manifest(storage)
-    wrong_size = size_mismatches(storage, manifest.files)
-    damaged = [CorruptCheckpointError(f"{rel}: {why}", file=rel) for rel, why in wrong_size.items()]
-    good_files = set(manifest.files) - set(wrong_size)
-
-    def check(job: tuple[str, BlobRef]) -> tuple[int, int, list[CorruptCheckpointError]]:
-        key, blob = job
-        reader = storage.open_reader(blob.file)
-        errs, pos, buf = [], blob.offset, bytearray()
-        try:
-            for i, c in enumerate(blob.chunks):
-                if len(buf) < c.stored_len:
-                    buf = bytearray(c.stored_len)
-                view = memoryview(buf)[: c.stored_len]
-                reader.read_into(pos, view)
-                try:
-                    check_chunk(view, c.crc32c, blob.file, key, i, pos)
-                except CorruptCheckpointError as e:
-                    errs.append(e)
-                pos += c.stored_len
-        finally:
-            reader.close()
-        return len(blob.chunks), pos - blob.offset, errs
-
-    jobs = [j for j in _blobs(manifest) if j[1].file in good_files]
-    chunks = nbytes = 0
-    with ThreadPoolExecutor(max_workers=knobs.get().io_threads) as pool:
-        for n, b, errs in pool.map(check, jobs):
-            chunks, nbytes = chunks + n, nbytes + b
-            damaged += errs
-    if damaged:
-        first = damaged[0]
-        raise CorruptCheckpointError(
-            f"{storage.url}: {len(damaged)} damaged place(s): " + "; ".join(str(d) for d in damaged[:10]),
-            file=first.file, key=first.key, chunk=first.chunk, damaged=damaged,
-        )
-    return VerifyReport(
-        path=storage.url,
-        files=len(manifest.files),
-        chunks=chunks,
-        bytes_checked=nbytes,
-        seconds=time.perf_counter() - t0,
-        crc_implementation=crc_implementation(),
-        manifest=manifest,
-    )
-
-
+    return verify_dir(CheckpointDir(open_storage(path, storage_options)))

@@ -1,16 +1,22 @@
 """Tunables in one place, with environment overrides and a context manager.
 
 Tests shrink ``chunk_bytes`` so tiny tensors exercise the chunked paths.
+
+A save snapshots the knobs at call time (``get()`` in the caller) and its
+background part runs under ``use(snapshot)``, so ``override()`` around
+``async_save`` applies to the whole save even though the write happens later on
+another thread. ``use`` is per thread; ``override`` is process-wide.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
-__all__ = ["Knobs", "get", "override"]
+__all__ = ["Knobs", "get", "override", "use"]
 
 
 def _env_int(name: str, default: int, allow_zero: bool = False) -> int:
@@ -37,6 +43,20 @@ class Knobs:
     max_read_bytes: int = 64 << 20
     #: Local writes: start kernel writeback every this many bytes (0: only at fsync).
     writeback_bytes: int = 8 << 20
+    #: Object stores: size of one multipart-upload part (S3 needs >= 5 MiB but the last).
+    part_bytes: int = 16 << 20
+    #: Object stores: parts of one shard file uploaded at once (memory: about this + 1 parts).
+    upload_concurrency: int = 4
+    #: Object stores: one read is split into ranged GETs of this size, fetched concurrently.
+    read_part_bytes: int = 8 << 20
+    #: Object stores: ranged GETs of one read in flight at once.
+    read_concurrency: int = 8
+    #: Remote backends: attempts per request on transient errors (5xx, throttling, resets).
+    retry_attempts: int = 8
+    #: Remote backends: first backoff delay in milliseconds (doubles per attempt, full jitter).
+    retry_base_ms: int = 100
+    #: Remote backends: give up retrying one request after this many seconds in total.
+    retry_max_seconds: int = 120
 
     @staticmethod
     def from_env() -> Knobs:
@@ -46,16 +66,36 @@ class Knobs:
             io_threads=_env_int("SHARDCKPT_IO_THREADS", d.io_threads),
             max_read_bytes=_env_int("SHARDCKPT_MAX_READ_BYTES", d.max_read_bytes),
             writeback_bytes=_env_int("SHARDCKPT_WRITEBACK_BYTES", d.writeback_bytes, allow_zero=True),
+            part_bytes=_env_int("SHARDCKPT_PART_BYTES", d.part_bytes),
+            upload_concurrency=_env_int("SHARDCKPT_UPLOAD_CONCURRENCY", d.upload_concurrency),
+            read_part_bytes=_env_int("SHARDCKPT_READ_PART_BYTES", d.read_part_bytes),
+            read_concurrency=_env_int("SHARDCKPT_READ_CONCURRENCY", d.read_concurrency),
+            retry_attempts=_env_int("SHARDCKPT_RETRY_ATTEMPTS", d.retry_attempts),
+            retry_base_ms=_env_int("SHARDCKPT_RETRY_BASE_MS", d.retry_base_ms, allow_zero=True),
+            retry_max_seconds=_env_int("SHARDCKPT_RETRY_MAX_SECONDS", d.retry_max_seconds),
         )
 
 
-_ZERO_OK = {"writeback_bytes"}
+_ZERO_OK = {"writeback_bytes", "retry_base_ms"}
 _current: Knobs = Knobs.from_env()
+_local = threading.local()
 
 
 def get() -> Knobs:
-    """The knobs in force now."""
-    return _current
+    """The knobs in force now (this thread's ``use`` snapshot, if any)."""
+    pinned = getattr(_local, "knobs", None)
+    return pinned if pinned is not None else _current
+
+
+@contextlib.contextmanager
+def use(snapshot: Knobs) -> Iterator[Knobs]:
+    """Run this thread under ``snapshot`` (a save's knobs, taken at call time)."""
+    previous = getattr(_local, "knobs", None)
+    _local.knobs = snapshot
+    try:
+        yield snapshot
+    finally:
+        _local.knobs = previous
 
 
 @contextlib.contextmanager

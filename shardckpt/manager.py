@@ -59,23 +59,24 @@ import torch.distributed as dist
 
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._dist import Group
-from ._inspect import UNUSABLE, inspect_checkpoint, read_checked, status_of, verify_problem
-from ._preempt import OWNER_MARKER, OwnerMarker, PreemptionFlag, exit_code_for
-from .api import load, save, verify
+from ._preempt import PreemptionFlag, exit_code_for
+from .api import load, save
 from .errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     ShardckptError,
 )
-from .format.manifest import MANIFEST_NAME
-from .retention import (
-    CheckpointInfo,
-    RetentionPolicy,
-    build_policies,
-    metric_values,
-    steps_to_delete,
+from .retention import CheckpointInfo, RetentionPolicy, build_policies, metric_values
+from .storage import open_storage
+from .store import (
+    OWNER_MARKER,
+    UNUSABLE,
+    CheckpointDir,
+    CheckpointRoot,
+    status_of,
+    step_dirname,
+    verify_dir,
 )
-from .storage import LocalStorage, Storage, open_storage
 
 __all__ = ["CheckpointManager", "OWNER_MARKER", "step_dirname"]
 
@@ -83,14 +84,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# What makes a candidate unusable (fall back to an older one). Anything else
-# (I/O errors, a rank crashing, a state that does not match) is raised: falling
-# back on a transient error would silently throw away progress.
-
-
-def step_dirname(step: int) -> str:
-    """The directory name of ``step`` under a manager's root: ``step_0000000100``."""
-    return f"step_{step:010d}"
 
 
 @dataclass
@@ -135,18 +128,20 @@ class CheckpointManager:
         process_group: dist.ProcessGroup | None = None,
         verify_on_restore: bool = True,
         take_over_lock: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be an integer >= 1, got {save_interval_steps!r}")
         self.policies = build_policies(keep_last, keep_every, keep_best, policies)
         self.save_interval_steps = save_interval_steps
         self.verify_on_restore = verify_on_restore
-        self._storage: Storage = open_storage(root)
+        self.storage_options = dict(storage_options) if storage_options is not None else None
+        self._root = CheckpointRoot(open_storage(root, self.storage_options))
         #: The root as a path (local) or URL.
-        self.root: str = self._storage.url
+        self.root: str = self._root.url
         self._pg = process_group
         self._ctl = _control_group(process_group)
-        self._owner = OwnerMarker(self._storage, take_over=take_over_lock)
+        self._owner = self._root.owner(take_over=take_over_lock)
         self._closed = True  # until the root is ours: close() must not release someone else's marker
         self._on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
         self._closed = False
@@ -209,10 +204,12 @@ class CheckpointManager:
         # One save in flight: finishing the previous one first also runs its retention.
         self.wait()
         if self._async is None or signum:
-            save({"state": state}, path, overwrite=True, metadata=metadata, process_group=self._pg)
+            save({"state": state}, path, overwrite=True, metadata=metadata, process_group=self._pg,
+                 storage_options=self.storage_options)
             self._retain()
         else:
-            handle = self._async.async_save({"state": state}, path, overwrite=True, metadata=metadata)
+            handle = self._async.async_save({"state": state}, path, overwrite=True, metadata=metadata,
+                                            storage_options=self.storage_options)
             if handle is not None:
                 self._in_flight = _InFlight(step, handle)
         if signum:
@@ -253,21 +250,11 @@ class CheckpointManager:
         # scan is then still protected, never seen as an incomplete leftover.
         in_flight = {self._in_flight.step} if self._in_flight is not None else set()
         try:
-            doomed = steps_to_delete(self._scan(deep=False), self.policies, in_flight)
+            infos = self._root.list()
         except Exception as e:  # noqa: BLE001
             log.warning("retention skipped: could not list %s: %s", self.root, e)
             return
-        for c in doomed:
-            rel = step_dirname(c.step)
-            try:
-                # Un-commit first: a deletion cut short leaves an incomplete directory
-                # (collected next time), never a committed one with missing shards.
-                self._storage.remove(f"{rel}/{MANIFEST_NAME}")
-                self._storage.sync_dir(rel)
-                self._storage.remove_tree(rel)
-                log.info("retention: removed step %d (%s)", c.step, c.status)
-            except OSError as e:
-                log.warning("retention: could not remove %s: %s", c.path, e)
+        self._root.apply_retention(self.policies, in_flight, known_bad=self._known_bad, checkpoints=infos)
 
     # ------------------------------------------------------------------- restore
 
@@ -303,7 +290,7 @@ class CheckpointManager:
             if info.status != "valid":
                 problem = (info.status, info.reason or "")
             elif self.verify_on_restore:
-                problem = self._on_rank0(f"verifying {info.path}", lambda p=info.path: verify_problem(p))
+                problem = self._on_rank0(f"verifying {info.path}", lambda s=info.step: self._verify_problem(s))
             if problem is None:
                 try:
                     return self._load(state, info.path, info.step)
@@ -321,15 +308,23 @@ class CheckpointManager:
         raise cls(f"{self.root} holds {len(infos)} checkpoint(s) but none is usable "
                   f"(refusing to start fresh): {detail}", path=self.root, reasons=reasons)
 
+    def _verify_problem(self, step: int) -> tuple[str, str] | None:
+        try:
+            verify_dir(self._root.checkpoint(step))
+        except UNUSABLE as e:
+            return status_of(e), str(e)
+        return None
+
     def _load(self, state: Any, path: str, step: int | None) -> int | None:
-        load({"state": state}, path, process_group=self._pg)
+        load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
         if step is not None and hasattr(state, "step"):
             state.step = step
         self._info("restored step %s from %s", step, path)
         return step
 
     def _check_explicit(self, path: str) -> int | None:
-        manifest = verify(path).manifest if self.verify_on_restore else read_checked(open_storage(path))
+        ckpt = CheckpointDir.at(path, self.storage_options)
+        manifest = verify_dir(ckpt).manifest if self.verify_on_restore else ckpt.read_checked()
         s = manifest.metadata.get("step")
         if isinstance(s, int) and not isinstance(s, bool):
             return s
@@ -431,14 +426,12 @@ class CheckpointManager:
     # -------------------------------------------------------------------- helpers
 
     def _step_path(self, step: int) -> str:
-        if isinstance(self._storage, LocalStorage):
-            return os.path.join(self.root, step_dirname(step))
-        return f"{self.root.rstrip('/')}/{step_dirname(step)}"
+        return self._root.step_url(step)
 
     def _on_rank0(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
         g = self._ctl
-        return g.all_reduce(what, lambda: fn() if g.is_coordinator else None,  # type: ignore[return-value]
+        return g.gather_broadcast(what, lambda: fn() if g.is_coordinator else None,  # type: ignore[return-value]
                             lambda values: values[0], ShardckptError)
 
     def _info(self, msg: str, *args: Any) -> None:
@@ -446,15 +439,9 @@ class CheckpointManager:
             log.info(msg, *args)
 
     def _scan(self, deep: bool) -> builtins.list[CheckpointInfo]:
-        out = []
-        for name in self._storage.listdir():
-            m = _STEP_DIR.match(name)
-            if m and self._storage.isdir(name):
-                info = inspect_checkpoint(int(m.group(1)), self._step_path(int(m.group(1))), deep)
-                if info is not None and info.valid and info.step in self._known_bad:
-                    info = replace(info, status="corrupt", reason=f"restore found: {self._known_bad[info.step]}")
-                out += [info] if info is not None else []
-        return sorted(out, key=lambda c: c.step)
+        out = self._root.list(deep)
+        return [replace(c, status="corrupt", reason=f"restore found: {self._known_bad[c.step]}")
+                if c.valid and c.step in self._known_bad else c for c in out]
 
     def list(self, deep: bool = False) -> builtins.list[CheckpointInfo]:
         """Every step directory under the root, oldest first, with its status.

@@ -136,7 +136,8 @@ def test_bad_compression_argument():
 
 def test_auto_default_is_raw_locally_and_zstd_on_object_stores(tmp_path):
     from shardckpt.dcp.writer import default_compression
-    from shardckpt.storage import FsspecStorage, open_storage
+    from shardckpt.storage import open_storage
+    from shardckpt.storage.fsspec_backend import FsspecStorage
 
     sd = {"w": torch.randn(20_000)}
     shardckpt.save(sd, tmp_path / "c")  # default: "auto"
@@ -144,7 +145,9 @@ def test_auto_default_is_raw_locally_and_zstd_on_object_stores(tmp_path):
     assert {c[0] for c in chunks} == {"raw"}
     assert default_compression(open_storage("memory://auto/x")) is None
 
-    class FakeObjectStore:
-        protocol = ("s3", "s3a")
+    class FakeRemoteFs:  # only its protocol is looked at: remote, so zstd
+        protocol = ("gcs", "gs")
 
-    assert default_compression(FsspecStorage(FakeObjectStore(), "bucket/x", "s3://bucket/x")) == shardckpt.Compression()
+    remote = FsspecStorage(FakeRemoteFs(), "bucket/x", "gs://bucket/x")
+    assert remote.capabilities.remote
+    assert default_compression(remote) == shardckpt.Compression()

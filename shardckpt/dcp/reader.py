@@ -35,12 +35,12 @@ from torch.futures import Future
 
 from .. import knobs
 from ..errors import CheckpointReadError, CorruptCheckpointError
+from ..format.chunks import read_chunks
 from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
 from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry, TensorShard
+from ..format.objects import decode_object, weights_only_reason
 from ..storage import RandomReader, Storage, open_storage
-from ..storage.commit import read_manifest
-from ._chunks import read_chunks
-from ._objects import _weights_only_reason, decode_object
+from ..store import CheckpointDir
 
 __all__ = ["ShardckptReader", "manifest_to_metadata"]
 
@@ -110,20 +110,41 @@ class ShardckptReader(StorageReader):
         torch.distributed.checkpoint.load(sd, storage_reader=ShardckptReader("ckpt/step_10"))
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, manifest: Manifest | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        manifest: Manifest | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.path = os.fspath(path)
+        self.storage_options = storage_options
+        self._storage: Storage | None = None
         self._manifest = manifest
+        # A manifest handed in (load read it already) serves the first load only.
+        self._fresh = manifest is not None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        # Every load re-reads the manifest: the checkpoint at this path may have
+        # been overwritten since the last one.
         if checkpoint_id is not None and os.fspath(checkpoint_id) != self.path:
             self.path = os.fspath(checkpoint_id)
+            self._storage = None
+        if not self._fresh:
             self._manifest = None
+        self._fresh = False
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = open_storage(self.path, self.storage_options)
+        return self._storage
 
     @property
     def manifest(self) -> Manifest:
         if self._manifest is None:
-            self._manifest = read_manifest(open_storage(self.path))
+            self._manifest = CheckpointDir(self.storage).read_manifest()
         return self._manifest
 
     def read_metadata(self) -> Metadata:
@@ -139,9 +160,8 @@ class ShardckptReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        storage = open_storage(self.path)
         manifest = self.manifest
-        files = _Files(storage, manifest)
+        files = _Files(self.storage, manifest)
         k = knobs.get()
         try:
             jobs = []
@@ -272,7 +292,7 @@ def _load_object(files: _Files, item: ReadItem, entry: ObjectEntry, planner: Loa
             value = decode_object(entry.encoding, bytes(buf.numpy()))
         except Exception as e:  # noqa: BLE001 - a CRC-clean blob that won't decode is still corrupt
             # torch's message advises weights_only=False: wrong advice for a file we don't trust.
-            why = _weights_only_reason(e)
+            why = weights_only_reason(e)
             raise CorruptCheckpointError(
                 f"key {key!r}: stored {entry.encoding} value does not decode safely ({type(e).__name__}: {why}); "
                 "refusing to load it", key=key) from None

@@ -1,26 +1,57 @@
-"""A tiny storage interface: what the engine needs from a place that holds bytes.
+"""Byte backends: what the engine needs from a place that holds bytes, and nothing more.
 
-Paths given to a ``Storage`` are relative to the checkpoint's root, ``/``-separated.
+A backend moves bytes; what a checkpoint directory *means* (commit, status,
+retention) lives in ``shardckpt.store``. Callers never test a backend's type:
+they read its declared :class:`Capabilities` and branch on those, so a new
+backend (registered by URL scheme, see ``storage.registry``) works everywhere
+the built-in ones do.
+
+Paths given to a ``Storage`` are relative to its root, ``/``-separated; ``""``
+is the root itself.
 """
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Storage", "ShardFile", "RandomReader"]
+__all__ = ["Capabilities", "Storage", "ShardFile", "RandomReader"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend guarantees; the store picks strategies from these.
+
+    - ``atomic_rename``: ``rename`` replaces the target atomically (POSIX), so a
+      manifest is published by tmp + fsync + rename + directory fsync.
+    - ``atomic_put``: ``put`` of one small object is all-or-nothing for readers
+      (object stores), so a manifest is published by a single PUT, last.
+    - ``exclusive_create``: ``create_exclusive`` is atomic: of two concurrent
+      callers exactly one succeeds (``O_EXCL``; S3 ``If-None-Match: *``).
+    - ``durable_fsync``: a closed file / ``put`` is on stable storage (fsync).
+    - ``remote``: bytes cross a network (compression pays; reads are slow
+      enough that reading once and broadcasting pays).
+    """
+
+    atomic_rename: bool = False
+    atomic_put: bool = False
+    exclusive_create: bool = False
+    durable_fsync: bool = False
+    remote: bool = False
 
 
 class ShardFile(Protocol):
-    """A file being written front to back."""
+    """A file being written front to back (a multipart upload on object stores)."""
 
     def write(self, data: memoryview | bytes) -> None: ...
 
     def close(self) -> None:
-        """Flush and make the file durable (fsync where the backend has it)."""
+        """Finish the file and make it durable (fsync / complete the upload)."""
 
     def abort(self) -> None:
-        """Close without durability guarantees after a failure; never raises."""
+        """Give up after a failure: nothing may remain that looks finished (an
+        upload in progress is aborted). Never raises."""
 
 
 class RandomReader(Protocol):
@@ -33,32 +64,54 @@ class RandomReader(Protocol):
 
 
 class Storage(abc.ABC):
-    """One checkpoint location. Backends are picked by URL scheme in ``open_storage``."""
+    """One location (a checkpoint directory or a root of them). Get one with
+    ``shardckpt.storage.open_storage(url, storage_options=...)``."""
 
     url: str
+    capabilities: Capabilities = Capabilities()
+
+    # -- reading
 
     @abc.abstractmethod
     def exists(self, rel: str = "") -> bool:
-        """Whether ``rel`` (a file or directory; ``""`` is the root) exists."""
-
-    @abc.abstractmethod
-    def listdir(self, rel: str = "") -> list[str]:
-        """Names (not paths) of the entries directly under ``rel``; ``[]`` if absent."""
+        """Whether ``rel`` (a file or directory/prefix; ``""`` is the root) exists."""
 
     @abc.abstractmethod
     def isdir(self, rel: str = "") -> bool: ...
 
     @abc.abstractmethod
-    def read_bytes(self, rel: str) -> bytes: ...
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names (not paths) of the entries directly under ``rel``; ``[]`` if absent.
+        Never served from a cache: commits, status and deletion are decided on it."""
 
     @abc.abstractmethod
-    def size(self, rel: str) -> int: ...
+    def size(self, rel: str) -> int:
+        """Size in bytes (uncached); ``FileNotFoundError`` if absent."""
+
+    @abc.abstractmethod
+    def read_bytes(self, rel: str) -> bytes: ...
 
     @abc.abstractmethod
     def open_reader(self, rel: str) -> RandomReader: ...
 
+    # -- writing
+
     @abc.abstractmethod
     def open_writer(self, rel: str) -> ShardFile: ...
+
+    @abc.abstractmethod
+    def put(self, rel: str, data: bytes) -> None:
+        """Write one small object whole (atomic where ``atomic_put``; durable where
+        ``durable_fsync``)."""
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` with ``data`` only if it does not exist; False if it did.
+        Only where ``capabilities.exclusive_create``."""
+        raise NotImplementedError(f"{self.url}: this backend has no exclusive create")
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically replace ``dst`` by ``src``. Only where ``capabilities.atomic_rename``."""
+        raise NotImplementedError(f"{self.url}: this backend has no atomic rename")
 
     @abc.abstractmethod
     def makedirs(self, rel: str) -> None: ...
@@ -69,11 +122,22 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def remove_tree(self, rel: str = "") -> None:
-        """Remove a directory and everything below it; no error if absent."""
+        """Remove everything under ``rel`` (a directory or key prefix), including
+        unfinished uploads there; no error if absent."""
 
     def sync_dir(self, rel: str = "") -> None:  # noqa: B027 - optional hook
         """Make directory entries durable (a no-op where the backend has no such notion)."""
 
+    def abort_uploads(self, rel: str = "") -> int:
+        """Abort unfinished uploads under ``rel`` (left by a killed writer); how many.
+        A no-op where files are written in place."""
+        return 0
+
+    # -- navigation
+
     @abc.abstractmethod
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        """Publish ``data`` at ``rel`` so a reader sees the old state or all of it."""
+    def child(self, rel: str) -> Storage:
+        """The same backend rooted at ``rel`` below this root."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or threads the backend holds."""

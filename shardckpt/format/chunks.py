@@ -4,17 +4,23 @@ before any byte is interpreted."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
-from ..format.codec import CodecError, decode
-from ..format.layout import chunk_span
-from ..format.manifest import BlobRef
-from ..storage import RandomReader
+from .codec import CodecError, decode
+from .layout import chunk_span
+from .manifest import BlobRef, ChunkInfo
 
-__all__ = ["read_chunks", "check_chunk"]
+__all__ = ["read_chunks", "check_chunk", "check_decodes", "RangeReader"]
+
+
+class RangeReader(Protocol):
+    """What reading chunks needs from a storage backend (kept here so format/ imports no I/O)."""
+
+    def read_into(self, offset: int, out: memoryview) -> None: ...
 
 
 def check_chunk(data: memoryview, expected: int, file: str, key: str | None, index: int, offset: int) -> None:
@@ -29,8 +35,20 @@ def check_chunk(data: memoryview, expected: int, file: str, key: str | None, ind
         )
 
 
+def check_decodes(stored: memoryview, info: ChunkInfo, out: memoryview, file: str, key: str | None, index: int) -> None:
+    """Decode one CRC-checked chunk into ``out`` (``info.raw_len`` bytes); a chunk whose
+    CRC matches but that does not decode is corrupt too (a bug or a crafted file)."""
+    try:
+        decode(info.codec, stored, info.raw_len, out)
+    except CodecError as e:
+        raise CorruptCheckpointError(
+            f"{file}: chunk {index} of key {key!r} passed its CRC32C but does not decode: {e}",
+            file=file, key=key, chunk=index,
+        ) from None
+
+
 def read_chunks(
-    reader: RandomReader,
+    reader: RangeReader,
     blob: BlobRef,
     byte_lo: int,
     byte_hi: int,
@@ -60,13 +78,7 @@ def read_chunks(
         piece = stored[pos : pos + c.stored_len]
         check_chunk(piece, c.crc32c, blob.file, key, i, stored_start + pos)
         if not all_raw:
-            try:
-                decode(c.codec, piece, c.raw_len, out[out_pos : out_pos + c.raw_len])
-            except CodecError as e:
-                raise CorruptCheckpointError(
-                    f"{blob.file}: chunk {i} of key {key!r} passed its CRC32C but does not decode: {e}",
-                    file=blob.file, key=key, chunk=i,
-                ) from None
+            check_decodes(piece, c, out[out_pos : out_pos + c.raw_len], blob.file, key, i)
         pos += c.stored_len
         out_pos += c.raw_len
     return out_buf, raw_start

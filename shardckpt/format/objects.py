@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CheckpointWriteError
 
-__all__ = ["resolve_object", "encode_object", "decode_object", "INLINE_LIMIT"]
+__all__ = ["resolve_object", "encode_object", "decode_object", "weights_only_reason", "INLINE_LIMIT"]
 
 #: JSON values up to this size live inline in the manifest; larger ones in a shard.
 INLINE_LIMIT = 16 << 10
@@ -56,7 +56,7 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
     except Exception as e:  # noqa: BLE001 - reported with the key at fault
         raise CheckpointWriteError(
             f"value at key {key!r} cannot be saved safely: loading it would need to run pickled "
-            f"code ({_weights_only_reason(e)}). Store tensors, "
+            f"code ({weights_only_reason(e)}). Store tensors, "
             "JSON-like values (int/float/str/bool/None and lists/dicts of them), bytes, or convert it.",
             key=key,
         ) from None
@@ -67,7 +67,7 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
     return "torch", raw, value
 
 
-def _weights_only_reason(e: Exception) -> str:
+def weights_only_reason(e: Exception) -> str:
     """The line of torch's weights-only error that names what was refused.
 
     (Its first line advises weights_only=False, which is wrong advice here.)"""

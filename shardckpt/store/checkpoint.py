@@ -1,0 +1,188 @@
+"""One checkpoint directory: its lifecycle over any byte backend.
+
+A directory holds ``data/`` (shard files, named by save id and rank) and, once
+committed, ``manifest.json``. Without the manifest it is *incomplete*, whatever
+else is there: never loaded, reported as such, collected by the next save to
+that path and by retention.
+
+Call order of a save (``[coord]`` the coordinator, ``[all]`` every rank):
+
+1. [coord] ``prepare(overwrite)``: fail closed on a committed checkpoint (unless
+   ``overwrite``) or foreign files; clear an incomplete leftover, including
+   unfinished uploads; then ``write_probe(token)``.
+2. [all]   ``check_probe(token)``: the coordinator's probe is visible here, else
+   the path is not on storage shared by all ranks (raised before any tensor
+   byte is written).
+3. [all]   write shard files under ``data/``.
+4. [coord] ``commit(manifest)`` once every rank reported success: every shard's
+   size confirmed, then the manifest published by the backend's strategy
+   (``store.commit``); then ``remove_unreferenced`` drops what an overwrite
+   superseded (and the probe).
+
+Overwriting is atomic: new shards get a fresh save id, so the old manifest and
+its shards stay intact until the new manifest replaces it.
+
+``delete`` un-commits first (removes the manifest), then the data: a deletion
+cut short leaves an incomplete directory, never a committed one with holes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
+from ..format.manifest import DATA_DIR, MANIFEST_NAME, Manifest, decode_manifest, encode_manifest
+from ..storage import Storage, open_storage
+from .commit import commit_strategy
+
+__all__ = ["CheckpointDir", "PROBE_SUFFIX", "SHARED_STORAGE_HINT"]
+
+log = logging.getLogger(__name__)
+_OURS = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", DATA_DIR}
+PROBE_SUFFIX = ".probe"
+#: The phrase every rank's error carries when ranks do not see the same files.
+SHARED_STORAGE_HINT = "not on storage shared by all ranks"
+
+
+class CheckpointDir:
+    """A checkpoint directory at ``storage`` (or open one with ``CheckpointDir.at(url)``)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @classmethod
+    def at(cls, url: Any, storage_options: Mapping[str, Any] | None = None) -> CheckpointDir:
+        return cls(open_storage(url, storage_options))
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    # -- saving
+
+    def prepare(self, overwrite: bool) -> None:
+        """[coord] Before any rank writes (step 1)."""
+        s = self.storage
+        if s.exists() and not s.isdir():
+            raise CheckpointExistsError(f"{s.url} exists and is not a directory", path=s.url)
+        names = set(s.listdir())
+        foreign = sorted(names - _OURS)
+        if foreign:
+            raise CheckpointExistsError(
+                f"{s.url} holds files that are not a shardckpt checkpoint's: {foreign[:5]}; "
+                "refusing to write there", path=s.url)
+        if MANIFEST_NAME in names:
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"a committed checkpoint already exists at {s.url}; pass overwrite=True "
+                    "to replace it atomically, or choose another path", path=s.url)
+            s.abort_uploads(DATA_DIR)  # a killed overwrite's parts; committed shards stay
+        else:
+            if names:
+                log.warning("removing incomplete checkpoint leftovers at %s: %s", s.url, sorted(names))
+            s.remove(MANIFEST_NAME + ".tmp")
+            s.remove_tree(DATA_DIR)
+        commit_strategy(s).validate(s)
+        s.makedirs(DATA_DIR)
+
+    def probe_name(self, token: str) -> str:
+        return f"{DATA_DIR}/{token}{PROBE_SUFFIX}"
+
+    def write_probe(self, token: str) -> None:
+        """[coord] A tiny file every rank must see before anything is written (step 1)."""
+        self.storage.put(self.probe_name(token), token.encode())
+
+    def check_probe(self, token: str, rank: int) -> None:
+        """[all] Raise ``CheckpointWriteError`` if the coordinator's probe is not visible (step 2)."""
+        rel = self.probe_name(token)
+        try:
+            seen = self.storage.read_bytes(rel)
+        except FileNotFoundError:
+            seen = None
+        if seen != token.encode():
+            raise CheckpointWriteError(
+                f"{self.url} is {SHARED_STORAGE_HINT}: rank {rank} cannot see the file {rel} that the "
+                "coordinator (rank 0) just wrote there (node-local disk or tmpfs at that path?). "
+                "Save to a shared filesystem or an object store", path=self.url, rank=rank)
+
+    def size_mismatches(self, files: Mapping[str, int]) -> dict[str, str]:
+        """Shard files that are missing or not of their recorded size: path -> what is wrong."""
+        wrong = {}
+        for rel, expected in files.items():
+            try:
+                size: int | None = self.storage.size(rel)
+            except FileNotFoundError:
+                size = None
+            if size != expected:
+                wrong[rel] = f"{'missing' if size is None else f'{size} bytes'}, manifest records {expected}"
+        return wrong
+
+    def commit(self, manifest: Manifest) -> None:
+        """[coord] After every rank reported success (step 4): check sizes, then publish."""
+        wrong = self.size_mismatches(manifest.files)
+        if wrong:
+            raise CheckpointWriteError(
+                f"not committing {self.url}: shard files do not match what ranks reported: "
+                + "; ".join(f"{rel}: {why}" for rel, why in list(wrong.items())[:5])
+                + (f" (if ranks run on several nodes, {self.url} may be {SHARED_STORAGE_HINT})"
+                   if any("missing" in w for w in wrong.values()) else ""),
+                path=self.url)
+        self.storage.sync_dir(DATA_DIR)
+        commit_strategy(self.storage).publish(self.storage, MANIFEST_NAME, encode_manifest(manifest))
+
+    def remove_unreferenced(self, files: Mapping[str, int]) -> None:
+        """[coord] After a commit: delete data no manifest refers to (superseded shards, probes)."""
+        for name in self.storage.listdir(DATA_DIR):
+            rel = f"{DATA_DIR}/{name}"
+            if rel not in files:
+                try:
+                    self.storage.remove(rel)
+                except OSError as e:  # the checkpoint is committed; leftovers are only untidy
+                    log.warning("could not remove superseded shard %s: %s", rel, e)
+
+    # -- reading
+
+    def is_committed(self) -> bool:
+        return self.storage.exists(MANIFEST_NAME)
+
+    def read_manifest(self) -> Manifest:
+        """The committed manifest, validated; typed errors for missing, incomplete or damaged."""
+        s = self.storage
+        try:
+            data: bytes | None = s.read_bytes(MANIFEST_NAME)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            data = None
+        if data is None:
+            if not s.exists():
+                raise CheckpointNotFoundError(f"no checkpoint at {s.url}", path=s.url)
+            if ".metadata" in s.listdir():
+                hint = " (it looks like a torch.distributed.checkpoint directory, not a shardckpt one)"
+            else:
+                hint = " (a save never finished: no committed manifest)"
+            raise IncompleteCheckpointError(f"{s.url} is not a loadable checkpoint{hint}", path=s.url)
+        return decode_manifest(data, source=f"{s.url}/{MANIFEST_NAME}")
+
+    def read_checked(self) -> Manifest:
+        """The manifest, plus every shard file present with its recorded size (no data read)."""
+        manifest = self.read_manifest()
+        for rel, why in self.size_mismatches(manifest.files).items():
+            raise CorruptCheckpointError(f"{self.url}/{rel}: {why}", file=rel)
+        return manifest
+
+    # -- deleting
+
+    def delete(self) -> None:
+        """Un-commit (remove the manifest, make that durable), then remove everything."""
+        s = self.storage
+        s.remove(MANIFEST_NAME)
+        if s.isdir():
+            s.sync_dir()
+        s.remove_tree()
