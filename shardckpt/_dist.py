@@ -89,6 +89,17 @@ class Group:
         self._raise_if_failed(step, outcomes, status, default_error)
         return mine  # type: ignore[return-value]
 
+    def all_gather(self, step: str, fn: Callable[[], T], default_error: type[ShardckptError]) -> list[T]:
+        """Run ``fn`` on every rank and give every rank all the results (for values
+        every rank really needs, e.g. each rank's RNG state); failures raise everywhere."""
+        mine = _attempt(fn)
+        outcomes: list[Any] = [mine]
+        if self.distributed:
+            outcomes = [None] * self.world_size
+            dist.all_gather_object(outcomes, mine, group=self.group)
+        self._raise_if_failed(step, outcomes, mine, default_error)
+        return outcomes
+
     def gather_scatter(
         self,
         step: str,

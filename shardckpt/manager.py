@@ -18,7 +18,7 @@ Owner marker: rank 0 holds ``<root>/.shardckpt-owner`` (host, pid, token) from
 construction to ``close``; a second manager on a root with a live owner gets
 ``CheckpointExistsError``; a dead owner on this host, or an earlier attempt of
 the same torchrun job, is taken over with a warning (limits across hosts and on
-object stores: ``shardckpt._preempt``).
+object stores: ``shardckpt.store.owner``).
 
 Multi-rank call order: every rank constructs the manager and calls
 ``restore``, ``should_save``, ``save``, ``wait`` and ``close`` at the same

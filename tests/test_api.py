@@ -318,3 +318,55 @@ def test_repeated_loads_reuse_read_buffers(tmp_path, small_chunks):
             shardckpt.load(out, tmp_path / "c")
         for k in sd:
             assert torch.equal(out[k], sd[k]), (threads, k)
+
+
+def test_verify_decodes_chunks_whose_crc_matches(tmp_path):
+    """A compressed chunk rewritten with a matching CRC but undecodable bytes: load and
+    verify both report it (verify used to check CRCs only)."""
+    from shardckpt._checksum import crc32c
+    from shardckpt.format.manifest import decode_manifest, encode_manifest
+    from shardckpt.store import CheckpointDir
+
+    p = tmp_path / "c"
+    sd = {"w": torch.zeros(50_000)}  # compresses well: every chunk is encoded
+    shardckpt.save(sd, p, compression="zstd")
+    ckpt = CheckpointDir.at(p)
+    m = ckpt.read_manifest()
+    shard = m.entries["w"].shards[0]
+    c0 = shard.blob.chunks[0]
+    assert c0.codec != "raw"
+    path = p / shard.blob.file
+    data = bytearray(path.read_bytes())
+    garbage = bytes(range(256)) * (c0.stored_len // 256 + 1)
+    data[shard.blob.offset:shard.blob.offset + c0.stored_len] = garbage[:c0.stored_len]
+    path.write_bytes(bytes(data))
+    new_chunk = type(c0)(c0.codec, c0.raw_len, c0.stored_len, crc32c(garbage[:c0.stored_len]))
+    import dataclasses
+
+    blob = dataclasses.replace(shard.blob, chunks=(new_chunk, *shard.blob.chunks[1:]))
+    entry = dataclasses.replace(m.entries["w"], shards=(dataclasses.replace(shard, blob=blob),))
+    (p / "manifest.json").write_bytes(encode_manifest(dataclasses.replace(m, entries={"w": entry})))
+    assert decode_manifest((p / "manifest.json").read_bytes()).entries["w"].shards[0].blob.chunks[0] == new_chunk
+    with pytest.raises(CorruptCheckpointError, match="does not decode") as e:
+        shardckpt.verify(p)
+    assert e.value.key == "w" and e.value.chunk == 0
+    with pytest.raises(CorruptCheckpointError, match="does not decode"):
+        shardckpt.load({"w": torch.ones(50_000)}, p)
+
+
+def test_reused_reader_sees_an_overwritten_checkpoint(tmp_path):
+    p = tmp_path / "c"
+    shardckpt.save({"a": torch.zeros(10)}, p)
+    reader = shardckpt.ShardckptReader(p)
+    out = {"a": torch.ones(10)}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert torch.equal(out["a"], torch.zeros(10))
+    shardckpt.save({"a": torch.full((10,), 7.0)}, p, overwrite=True)
+    dcp.load(out, storage_reader=reader, no_dist=True)  # same path, same reader: re-reads the manifest
+    assert torch.equal(out["a"], torch.full((10,), 7.0))
+
+
+def test_save_leaves_no_probe_behind(tmp_path):
+    p = tmp_path / "c"
+    shardckpt.save({"a": torch.zeros(10)}, p)
+    assert not [n for n in os.listdir(p / "data") if n.endswith(".probe")]

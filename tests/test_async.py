@@ -238,3 +238,14 @@ def test_cuda_tensors_stage_into_pinned_memory(tmp_path, ckpt):
     out = {k: torch.zeros_like(v) for k, v in expected.items()}
     shardckpt.load(out, tmp_path / "c")
     assert all(torch.equal(out[k], expected[k]) for k in out)
+
+
+def test_knobs_are_snapshot_at_call_time(tmp_path, ckpt, slow_writes):
+    """An override around async_save governs the write that runs later, on another thread."""
+    with shardckpt.knobs.override(chunk_bytes=256):
+        h = ckpt.async_save(_state(), tmp_path / "k")  # the write waits on the gate
+    slow_writes.set()  # ...and starts only once the override is gone
+    h.result()
+    m = json.loads((tmp_path / "k" / "manifest.json").read_text())["body"]
+    chunks = [c for s in m["entries"]["w"]["shards"] for c in s["chunks"]]
+    assert m["chunk_bytes"] == 256 and len(chunks) > 10 and max(c[1] for c in chunks) <= 256

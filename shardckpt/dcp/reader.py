@@ -194,6 +194,9 @@ class ShardckptReader(StorageReader):
                     planner.commit_tensor(item, dest)
         finally:
             files.close()
+            # The next load through this reader re-reads the manifest: the checkpoint at
+            # this path may be overwritten in between (DCP calls reset() only with an id).
+            self._manifest, self._fresh = None, False
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

@@ -6,7 +6,7 @@ Call order (DCP drives it; ``[all]`` = every rank, ``[coord]`` = coordinator onl
 2. [all]   ``prepare_local_plan(plan)``: unchanged.
 3. [coord] ``prepare_global_plan(plans)``: checks the target (fails closed on a
    committed checkpoint unless ``overwrite``, clears an incomplete leftover),
-   picks a fresh save id, writes a probe file (several ranks) and tells each
+   picks a fresh save id, writes a probe file and tells each
    rank its shard file name. No rank has written anything yet, and DCP turns an
    error here into an error on every rank.
 4. [all]   ``write_data(plan, planner)``: the rank checks that it sees the
@@ -248,10 +248,10 @@ class ShardckptWriter(StorageWriter):
         ckpt.prepare(self.overwrite)
         self._save_id = uuid.uuid4().hex[:16]
         self.world_size = len(plans)
-        probe = None
-        if len(plans) > 1:
-            probe = self._save_id
-            ckpt.write_probe(probe)
+        # Always written: on object stores it is also what makes a save in progress
+        # (or a killed one) visible as an incomplete checkpoint, so it gets cleaned.
+        ckpt.write_probe(self._save_id)
+        probe = self._save_id if len(plans) > 1 else None
         return [
             dataclasses.replace(p, storage_data=_ShardTarget(f"{DATA_DIR}/{self._save_id}-r{r:05d}.bin", probe))
             for r, p in enumerate(plans)

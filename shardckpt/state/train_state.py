@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .._dist import _attempt, _Failed, raise_gathered
+from .._dist import Group
 from ..errors import ShardckptError
 from .rng import RngState, get_rng_state, rng_state_for_rank, set_rng_state
 
@@ -193,8 +193,14 @@ class TrainState:
         on every rank: the plain exception in one process, else a ``ShardckptError``
         naming the ranks (``rank_errors``), so no rank is left waiting in a collective.
         """
-        local = _attempt(self._local_state)
-        rng, hosts, now = self._gather(local)
+        local: dict[str, Any] = {}
+
+        def mine() -> tuple[RngState, str, float]:
+            local.update(self._local_state())
+            return get_rng_state(), socket.gethostname(), time.time()
+
+        out = Group(self.process_group).all_gather("TrainState.state_dict()", mine, ShardckptError)
+        rng, hosts, now = tuple(o[0] for o in out), [o[1] for o in out], out[0][2]
         sd: dict[str, Any] = {"format": _FORMAT}
         if self.model is not None:  # may be collective itself (FSDP2), so after the gather
             if self.optimizers:
@@ -202,7 +208,7 @@ class TrainState:
                     self.model, self.optimizers, options=self.state_dict_options)
             else:
                 sd["model"] = get_model_state_dict(self.model, options=self.state_dict_options)
-        sd.update(local)  # type: ignore[arg-type]
+        sd.update(local)
         sd["env"] = json.dumps(self._env(len(rng), hosts, now))
         sd["rng"] = rng
         return sd
@@ -272,23 +278,6 @@ class TrainState:
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
         return 0, 1
-
-    def _gather(self, local: Any) -> tuple[tuple[RngState, ...], list[str], float]:
-        """Every rank's (RNG state, hostname) and rank 0's clock (so ``env`` is identical
-        everywhere); raises on every rank if ``local`` failed on any."""
-        mine = local if isinstance(local, _Failed) else (get_rng_state(), socket.gethostname(), time.time())
-        _, world_size = self._rank_world()
-        if world_size == 1:
-            if isinstance(mine, _Failed):
-                raise mine.exc
-            return (mine[0],), [mine[1]], mine[2]
-        out: list[Any] = [None] * world_size
-        dist.all_gather_object(out, mine, group=self.process_group)
-        failures = {r: o.exc for r, o in enumerate(out) if isinstance(o, _Failed)}
-        if failures:
-            raise_gathered("TrainState.state_dict()", failures, ShardckptError,
-                           local=mine.exc if isinstance(mine, _Failed) else None)
-        return tuple(o[0] for o in out), [o[1] for o in out], out[0][2]
 
     @staticmethod
     def _env(world_size: int, hosts: list[str], now: float) -> dict[str, Any]:

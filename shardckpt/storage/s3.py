@@ -70,7 +70,10 @@ def _filesystem(storage_options: Mapping[str, Any] | None) -> Any:
 
     Our own instance (``skip_instance_cache``), because its retries are switched
     off: ``retries`` is an attribute, not a constructor argument, of s3fs."""
-    import s3fs
+    try:
+        import s3fs
+    except ImportError:
+        raise ImportError("s3:// paths need the s3fs package: pip install 'shardckpt[s3]'") from None
 
     opts = _s3fs_options(storage_options)
     key = (os.getpid(), json.dumps(opts, sort_keys=True, default=repr))
