@@ -28,10 +28,11 @@ all ranks, on a gloo group (the given/default group if it is gloo, else one
 created once in the constructor), so no rank diverges. Only rank 0 deletes
 (retention) and holds the owner marker.
 
-Restore strategy: with ``verify_on_restore=True`` rank 0 reads every chunk of a
-candidate (``shardckpt.verify``) before any rank loads it, so the state is only
-ever loaded from a checkpoint that verified. That costs one extra full read of
-the checkpoint on rank 0. With ``verify_on_restore=False`` the candidate is
+Restore strategy: with ``verify_on_restore=True`` the ranks verify a candidate
+together before any rank loads it (each checks the CRC and decoding of a 1/N
+share of its chunks; the verdict is agreed on all ranks), so the state is only
+ever loaded from a checkpoint that verified. That costs one extra read of the
+checkpoint, spread over the ranks. With ``verify_on_restore=False`` the candidate is
 loaded directly (``load`` checks the CRC of every chunk it reads); if the load
 fails as corrupt, tensors may already hold part of that checkpoint's values, so
 the manager loads the previous checkpoint into the same state, which writes
@@ -278,6 +279,11 @@ class CheckpointManager:
         if step is not None or path is not None:
             target = os.fspath(path) if path is not None else self._step_path(_check_step(step))
             saved_step = self._on_rank0(f"checking {target}", lambda: self._check_explicit(target))
+            if self.verify_on_restore:
+                problem = self._verify_together(CheckpointDir.at(target, self.storage_options))
+                if problem is not None:
+                    cls = CorruptCheckpointError if problem[0] == "corrupt" else IncompleteCheckpointError
+                    raise cls(f"{target} is {problem[0]}: {problem[1]}", path=target)
             return self._load(state, target, step if step is not None else saved_step)
         infos = self._on_rank0(f"listing {self.root}", lambda: self._scan(deep=False))
         if not infos:
@@ -290,7 +296,7 @@ class CheckpointManager:
             if info.status != "valid":
                 problem = (info.status, info.reason or "")
             elif self.verify_on_restore:
-                problem = self._on_rank0(f"verifying {info.path}", lambda s=info.step: self._verify_problem(s))
+                problem = self._verify_together(self._root.checkpoint(info.step))
             if problem is None:
                 try:
                     return self._load(state, info.path, info.step)
@@ -308,12 +314,20 @@ class CheckpointManager:
         raise cls(f"{self.root} holds {len(infos)} checkpoint(s) but none is usable "
                   f"(refusing to start fresh): {detail}", path=self.root, reasons=reasons)
 
-    def _verify_problem(self, step: int) -> tuple[str, str] | None:
-        try:
-            verify_dir(self._root.checkpoint(step))
-        except UNUSABLE as e:
-            return status_of(e), str(e)
-        return None
+    def _verify_together(self, ckpt: CheckpointDir) -> tuple[str, str] | None:
+        """Collective: every rank checks a 1/N share of the chunks (not rank 0 all of
+        them); the first problem any rank found, the same on every rank."""
+        g = self._ctl
+
+        def mine() -> tuple[str, str] | None:
+            try:
+                verify_dir(ckpt, share=(g.rank, g.world_size))
+            except UNUSABLE as e:
+                return status_of(e), str(e)
+            return None
+
+        return g.gather_broadcast(f"verifying {ckpt.url}", mine,
+                                  lambda found: next((f for f in found if f is not None), None), ShardckptError)
 
     def _load(self, state: Any, path: str, step: int | None) -> int | None:
         load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
@@ -323,8 +337,7 @@ class CheckpointManager:
         return step
 
     def _check_explicit(self, path: str) -> int | None:
-        ckpt = CheckpointDir.at(path, self.storage_options)
-        manifest = verify_dir(ckpt).manifest if self.verify_on_restore else ckpt.read_checked()
+        manifest = CheckpointDir.at(path, self.storage_options).read_checked()
         s = manifest.metadata.get("step")
         if isinstance(s, int) and not isinstance(s, bool):
             return s

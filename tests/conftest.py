@@ -27,3 +27,6 @@ def small_chunks():
 
     with shardckpt.knobs.override(chunk_bytes=64):
         yield
+
+
+from tests.s3util import fault_proxy, s3_bucket, s3_endpoint  # noqa: E402,F401 - fixtures
