@@ -52,27 +52,21 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def _http_status(e: BaseException) -> int | None:
+def _answer(e: BaseException) -> tuple[str | None, int | None]:
+    """(S3 error code, HTTP status) of a botocore-style error, where it carries one."""
     resp = getattr(e, "response", None)
-    if isinstance(resp, dict):
-        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return status if isinstance(status, int) else None
-    return None
-
-
-def _error_code(e: BaseException) -> str | None:
-    resp = getattr(e, "response", None)
-    if isinstance(resp, dict):
-        code = resp.get("Error", {}).get("Code")
-        return code if isinstance(code, str) else None
-    return None
+    if not isinstance(resp, dict):
+        return None, None
+    code = resp.get("Error", {}).get("Code")
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (code if isinstance(code, str) else None), (status if isinstance(status, int) else None)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a request that failed with ``exc`` may succeed if sent again."""
     chain = _chain(exc)
     for e in chain:  # an explicit S3 answer decides
-        code, status = _error_code(e), _http_status(e)
+        code, status = _answer(e)
         if code in _TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429)):
             return True
         if status is not None and 400 <= status < 500:
