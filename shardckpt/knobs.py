@@ -43,6 +43,9 @@ class Knobs:
     max_read_bytes: int = 64 << 20
     #: Local writes: start kernel writeback every this many bytes (0: only at fsync).
     writeback_bytes: int = 8 << 20
+    #: Object stores: a rank starts a new shard object once the current one holds this
+    #: many bytes (at a tensor boundary): many whole objects move in parallel.
+    object_bytes: int = 64 << 20
     #: Object stores: size of one multipart-upload part (S3 needs >= 5 MiB but the last).
     part_bytes: int = 16 << 20
     #: Object stores: parts of one shard file uploaded at once (memory: about this + 1 parts).
@@ -66,6 +69,7 @@ class Knobs:
             io_threads=_env_int("SHARDCKPT_IO_THREADS", d.io_threads),
             max_read_bytes=_env_int("SHARDCKPT_MAX_READ_BYTES", d.max_read_bytes),
             writeback_bytes=_env_int("SHARDCKPT_WRITEBACK_BYTES", d.writeback_bytes, allow_zero=True),
+            object_bytes=_env_int("SHARDCKPT_OBJECT_BYTES", d.object_bytes),
             part_bytes=_env_int("SHARDCKPT_PART_BYTES", d.part_bytes),
             upload_concurrency=_env_int("SHARDCKPT_UPLOAD_CONCURRENCY", d.upload_concurrency),
             read_part_bytes=_env_int("SHARDCKPT_READ_PART_BYTES", d.read_part_bytes),

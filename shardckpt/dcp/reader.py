@@ -182,7 +182,9 @@ class ShardckptReader(StorageReader):
                         f"!= requested {list(item.lengths)}", key=item.dest_index.fqn)
                 jobs.append((item, entry, shard, dest))
             if jobs:
-                with ThreadPoolExecutor(max_workers=k.io_threads, thread_name_prefix="shardckpt-read") as pool:
+                # Remote reads wait on the network, not on CPU: keep more of them in flight.
+                workers = k.read_concurrency if self.storage.capabilities.remote else k.io_threads
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardckpt-read") as pool:
                     futures = [
                         pool.submit(_read_piece, files, key_entry_shard, piece)
                         for key_entry_shard in jobs

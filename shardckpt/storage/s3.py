@@ -10,8 +10,11 @@ connection pool), so:
   parts of ``knobs.part_bytes`` in flight (memory: that many parts + one being
   filled); a failed or aborted writer aborts its upload, and ``abort_uploads``
   removes those a killed process left (S3 bills unfinished parts forever);
-- reads are split into ranged GETs of ``knobs.read_part_bytes`` fetched
-  concurrently;
+- a rank writes several objects of about ``knobs.object_bytes`` (cut at tensor
+  boundaries, see ``dcp.writer``), so a save or load is many requests at once;
+  reads of part of an object are split into ranged GETs of
+  ``knobs.read_part_bytes`` fetched concurrently, a read of a whole object is
+  one GET;
 - sizes and listings are HEAD / ListObjectsV2 answers, never cached;
 - every request goes through ``storage.retry`` (client retries are turned
   off, so its bounds are the real ones);
@@ -191,6 +194,8 @@ class _Reader:
         view = out.cast("B")
         k = knobs.get()
         step = max(1, k.read_part_bytes)
+        if offset == 0 and self._size == view.nbytes:
+            step = max(1, view.nbytes)  # a whole object: one GET (no range to serve piecewise)
         ranges = [(s, min(s + step, view.nbytes)) for s in range(0, view.nbytes, step)]
         if len(ranges) <= 1:
             for s, e in ranges:
