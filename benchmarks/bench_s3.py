@@ -1,0 +1,398 @@
+#!/usr/bin/env python
+"""S3 benchmark: shardckpt (raw, auto) vs DCP's fsspec backend vs a raw-S3 ceiling.
+
+    python benchmarks/bench_s3.py [--gib 1] [--reps 3] [--ranks 2] [--json out.json]
+
+State: ``--gib`` GiB of fp32 in 16 DTensors ``Shard(0)`` over ``--ranks`` gloo ranks
+(one torchrun launch of this file); each rank builds only its local shards, seeded
+``randn * 0.02`` (weight-scaled normal values: full-entropy low mantissa bits, so
+they compress only a little; the measured ratio is printed -- real fp32 weights,
+e.g. MiniLM, compress about 1.2x).
+
+The S3 endpoint is moto's ThreadedMotoServer (tests/s3util.py), started in *this*
+driver process, which does nothing else while the ranks run: the server is the
+bottleneck, and it must not share a GIL with a rank.
+
+Variants, interleaved A B C D A B C D ... over ``--reps`` rounds, each saved to a
+fresh prefix, loaded back at the same world size into a zeroed state, checked
+(every tensor compared, outside the timed region), then deleted:
+
+  shardckpt raw   shardckpt.save(compression=None) / shardckpt.load
+  shardckpt auto  shardckpt.save() default (byte-grouped zstd on S3) / shardckpt.load
+  DCP fsspec      dcp.save(FsspecWriter(url, sync_files=False, **opts)) / dcp.load(FsspecReader)
+                  (sync_files=False: an S3 object is durable at close; True would only
+                  make DCP run os.sync() on the local disk, as s3fs files have no fileno)
+  raw ceiling     no checkpoint logic: each rank PUTs its shard bytes as one object per
+                  tensor (same sizes) in one parallel ``fs.pipe``, and GETs them back
+                  whole in one parallel ``fs.cat``, then copies them into the tensors
+
+Timing (rank 0): barrier, t0, operation, barrier, t1. Medians over ``--reps``; GB/s
+is *logical* state bytes / seconds (1 GB = 1e9 B) for every variant. Before the
+timed rounds every variant does one untimed save+load of a tiny state (connections,
+imports, first calls), then ``--warmup`` (default 1) untimed full-size rounds,
+interleaved the same way, whose times are shown apart. CPU seconds used during each operation are recorded for
+the ranks (sum) and for the moto server process, to show where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # benchmark the checkout this file lives in
+    sys.path.insert(0, _REPO)
+
+N_TENSORS = 16
+COLS = 1024
+SEED = 20240611
+VARIANTS = ("shardckpt raw", "shardckpt auto", "DCP fsspec", "raw ceiling")
+# (title, ours, peer, op, target): throughput ratio ours / peer
+TARGETS = (
+    ("shardckpt raw save / ceiling", "shardckpt raw", "raw ceiling", "save", 0.9),
+    ("shardckpt raw load / ceiling", "shardckpt raw", "raw ceiling", "load", 0.9),
+    ("shardckpt auto save (logical) / ceiling", "shardckpt auto", "raw ceiling", "save", 1.1),
+    ("shardckpt auto load (logical) / ceiling", "shardckpt auto", "raw ceiling", "load", 1.1),
+    ("shardckpt raw load / DCP load", "shardckpt raw", "DCP fsspec", "load", 2.0),
+    ("shardckpt auto load / DCP load", "shardckpt auto", "DCP fsspec", "load", 2.0),
+    ("shardckpt raw save / DCP save", "shardckpt raw", "DCP fsspec", "save", None),
+    ("shardckpt auto save / DCP save", "shardckpt auto", "DCP fsspec", "save", None),
+)
+
+
+def rows_for(gib: float, ranks: int) -> int:
+    return max(int(round(gib * (1 << 30) / 4 / N_TENSORS / COLS)), ranks)
+
+
+def key(i: int) -> str:
+    return f"layers.{i:02d}.weight"
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------
+# Worker (one per rank, under torchrun)
+# ---------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    import warnings
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import shardckpt
+    from shardckpt import knobs
+    from tests.s3util import make_fs, storage_options_for
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed.checkpoint")
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    opts = storage_options_for(args.endpoint)
+    fs = make_fs(opts)  # our own s3fs instance: ceiling I/O, sizes, deletes
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[bench_s3] {msg}", file=sys.stderr, flush=True)
+
+    def make_state(rows: int, zero: bool) -> dict[str, Any]:
+        fn = getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
+        size, _ = fn(rows, world, rank)
+        sd = {}
+        for i in range(N_TENSORS):
+            if zero:
+                local = torch.zeros(size, COLS)
+            else:
+                g = torch.Generator().manual_seed(SEED + 1000 * rank + i)
+                local = torch.randn(size, COLS, generator=g).mul_(0.02)
+            sd[key(i)] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                            shape=torch.Size((rows, COLS)), stride=(COLS, 1))
+        return sd
+
+    def ceil_paths(url: str) -> list[str]:
+        base = url.split("://", 1)[1]
+        return [f"{base}/rank{rank}/{key(i)}" for i in range(N_TENSORS)]
+
+    def ceil_save(sd: dict[str, Any], url: str) -> None:
+        blobs = {p: sd[key(i)].to_local().numpy().tobytes() for i, p in enumerate(ceil_paths(url))}
+        fs.pipe(blobs)
+
+    def ceil_load(sd: dict[str, Any], url: str) -> None:
+        paths = ceil_paths(url)
+        got = fs.cat(paths)  # one parallel batch of whole-object GETs
+        for i, p in enumerate(paths):
+            sd[key(i)].to_local().numpy().reshape(-1).view(np.uint8)[:] = np.frombuffer(got.pop(p), np.uint8)
+
+    ops = {
+        "shardckpt raw": (
+            lambda sd, u: shardckpt.save(sd, u, storage_options=opts, compression=None),
+            lambda sd, u: shardckpt.load(sd, u, storage_options=opts)),
+        "shardckpt auto": (
+            lambda sd, u: shardckpt.save(sd, u, storage_options=opts, compression="auto"),
+            lambda sd, u: shardckpt.load(sd, u, storage_options=opts)),
+        "DCP fsspec": (
+            lambda sd, u: dcp.save(sd, storage_writer=FsspecWriter(u, sync_files=False, **opts)),
+            lambda sd, u: dcp.load(sd, storage_reader=FsspecReader(u, **opts))),
+        "raw ceiling": (ceil_save, ceil_load),
+    }
+
+    def cpu_now() -> tuple[float, float]:
+        return time.process_time(), _proc_cpu_s(args.server_pid) if rank == 0 else 0.0
+
+    def timed(fn: Any, sd: dict[str, Any], url: str) -> dict[str, float]:
+        dist.barrier()
+        c0, s0 = cpu_now()
+        t0 = time.perf_counter()
+        fn(sd, url)
+        dist.barrier()
+        t = time.perf_counter() - t0
+        c1, s1 = cpu_now()
+        cpu = torch.tensor([c1 - c0], dtype=torch.float64)
+        dist.all_reduce(cpu)
+        return {"s": t, "rank_cpu_s": float(cpu.item()), "server_cpu_s": s1 - s0}
+
+    def stored_and_delete(url: str) -> tuple[int, int, int]:
+        """Rank 0: (bytes, objects, largest) stored under ``url``, then delete them all."""
+        n = count = largest = 0
+        if rank == 0:
+            base = url.split("://", 1)[1]
+            bucket, prefix = base.split("/", 1)
+            fs.invalidate_cache()
+            found = fs.find(base, detail=True)
+            sizes = [int(d["size"]) for d in found.values()]
+            n, count, largest = sum(sizes), len(sizes), max(sizes, default=0)
+            if found:
+                fs.rm(list(found), recursive=False)
+            ups = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+            for u in ups.get("Uploads") or []:
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+            fs.invalidate_cache()
+            if fs.find(base):
+                raise RuntimeError(f"{url}: objects left after delete")
+        dist.barrier()
+        return n, count, largest
+
+    def all_equal(dest: dict[str, Any], src: dict[str, Any]) -> bool:
+        ok = all(torch.equal(dest[k].to_local(), src[k].to_local()) for k in src)
+        t = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    # Untimed warm-up on a tiny state: every variant, save + load + check.
+    tiny_src, tiny_dst = make_state(8 * world, False), make_state(8 * world, True)
+    for v in VARIANTS:
+        url = f"s3://{args.bucket}/warmup-{v.replace(' ', '-')}"
+        ops[v][0](tiny_src, url)
+        ops[v][1](tiny_dst, url)
+        if not all_equal(tiny_dst, tiny_src):
+            raise SystemExit(f"warm-up: {v} loaded wrong data")
+        stored_and_delete(url)
+    del tiny_src, tiny_dst
+    log("warm-up done")
+
+    rows = rows_for(args.gib, world)
+    t_build = time.perf_counter()
+    src, dest = make_state(rows, False), make_state(rows, True)
+    log(f"built state [{N_TENSORS} x {rows}x{COLS}] fp32 ({time.perf_counter() - t_build:.1f}s)")
+    res: dict[str, Any] = {v: {"save": [], "load": [], "warmup_save": [], "warmup_load": [],
+                               "stored_bytes": [], "objects": 0, "largest_object": 0, "correct": True}
+                           for v in VARIANTS}
+    for rep in range(args.warmup + args.reps):
+        pre = "warmup_" if rep < args.warmup else ""
+        for v in VARIANTS:
+            url = f"s3://{args.bucket}/{v.replace(' ', '-')}-r{rep}"
+            r = res[v]
+            r[pre + "save"].append(timed(ops[v][0], src, url))
+            for t in dest.values():
+                t.to_local().zero_()
+            r[pre + "load"].append(timed(ops[v][1], dest, url))
+            ok = all_equal(dest, src)
+            r["correct"] = r["correct"] and ok
+            stored, r["objects"], r["largest_object"] = stored_and_delete(url)
+            r["stored_bytes"].append(stored)
+            log(f"{'warm-up' if pre else 'rep'} {rep} {v:14s} save {r[pre + 'save'][-1]['s']:7.2f}s  "
+                f"load {r[pre + 'load'][-1]['s']:7.2f}s  stored {stored / 1e9:.3f} GB  correct={ok}")
+    if rank == 0:
+        out = {"variants": res, "rows": rows, "world": world, "torch": torch.__version__,
+               "knobs": knobs.get().__dict__, "torch_threads": torch.get_num_threads()}
+        with open(args.out, "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "nproc": aff, "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def _med(rows: list[dict[str, float]], field: str = "s") -> float:
+    return statistics.median(r[field] for r in rows)
+
+
+def _runs(rows: list[dict[str, float]]) -> str:
+    return " ".join(f"{r['s']:.2f}" for r in rows)
+
+
+def report(args: argparse.Namespace, data: dict[str, Any], mach: dict[str, Any],
+           wall: float, server_rss_mib: float) -> dict[str, Any]:
+    import moto
+    import s3fs
+
+    gb = N_TENSORS * data["rows"] * COLS * 4
+    res = data["variants"]
+    print()
+    print(f"shardckpt on S3 (moto {moto.__version__} ThreadedMotoServer on loopback, own process) -- "
+          f"{gb / (1 << 30):.2f} GiB fp32 ({gb} B) in {N_TENSORS} DTensors [{data['rows']}x{COLS}] "
+          f"Shard(0), {data['world']} gloo ranks")
+    print(f"machine: {mach['cpu']}, nproc {mach['nproc']} (cpu_count {mach['cpu_count']}); {mach['date']}")
+    print(f"torch {data['torch']}, s3fs {s3fs.__version__}, python {mach['python']}; "
+          f"{args.warmup} untimed full-size + {args.reps} timed rounds, interleaved; "
+          "medians of rank-0 barrier-to-barrier times")
+    k = data["knobs"]
+    print(f"shardckpt knobs: part_bytes {k['part_bytes'] >> 20} MiB x {k['upload_concurrency']} uploads, "
+          f"read_part_bytes {k['read_part_bytes'] >> 20} MiB x {k['read_concurrency']} GETs, "
+          f"io_threads {k['io_threads']}, chunk_bytes {k['chunk_bytes'] >> 20} MiB")
+    print("GB/s = logical state bytes / s (1 GB = 1e9 B); stored GB = bytes in the bucket")
+    print()
+    hdr = (f"{'variant':15s} {'save s':>7s} {'save GB/s':>9s} {'load s':>7s} {'load GB/s':>9s} "
+           f"{'stored GB':>9s} {'ratio':>6s}  {'save runs (s)':18s} {'load runs (s)':18s} {'warm-up s/l':11s}")
+    print(hdr)
+    print("-" * len(hdr))
+    med: dict[str, dict[str, float]] = {}
+    for v in VARIANTS:
+        r = res[v]
+        m = med[v] = {"save": _med(r["save"]), "load": _med(r["load"])}
+        stored = statistics.median(r["stored_bytes"])
+        m["stored_bytes"] = stored
+        flag = "" if r["correct"] else "  WRONG DATA"
+        print(f"{v:15s} {m['save']:7.2f} {gb / m['save'] / 1e9:9.3f} {m['load']:7.2f} "
+              f"{gb / m['load'] / 1e9:9.3f} {stored / 1e9:9.3f} {gb / stored:5.3f}x  "
+              f"{_runs(r['save']):18s} {_runs(r['load']):18s} "
+              f"{_runs(r['warmup_save']) or '-'}/{_runs(r['warmup_load']) or '-'}{flag}")
+    print()
+    print("CPU seconds during each timed operation (medians): ranks (sum over ranks) / moto server process")
+    for v in VARIANTS:
+        r = res[v]
+        print(f"  {v:15s} save {_med(r['save'], 'rank_cpu_s'):6.1f} / {_med(r['save'], 'server_cpu_s'):6.1f}"
+              f"    load {_med(r['load'], 'rank_cpu_s'):6.1f} / {_med(r['load'], 'server_cpu_s'):6.1f}")
+    print(f"  moto server peak RSS {server_rss_mib:.0f} MiB")
+    print("objects per checkpoint (largest): " + ", ".join(
+        f"{v} {res[v]['objects']} ({res[v]['largest_object'] / 2**20:.0f} MiB)" for v in VARIANTS))
+    auto = med["shardckpt auto"]
+    print()
+    print(f"shardckpt auto stored {auto['stored_bytes'] / 1e9:.3f} GB: compression ratio "
+          f"{gb / auto['stored_bytes']:.3f}x on randn*0.02 fp32 (real fp32 weights, e.g. MiniLM: ~1.2x)")
+    print()
+    print("ratio = ours throughput / peer throughput (= peer median s / ours median s)")
+    ratios = []
+    for title, ours, peer, op, target in TARGETS:
+        ratio = med[peer][op] / med[ours][op]
+        if target is None:
+            verdict = "(reported only)"
+        else:
+            verdict = f"target >= {target:.1f}x  {'met' if ratio >= target else 'NOT MET'}"
+        print(f"  {title:42s} {ratio:5.2f}x   {verdict}")
+        ratios.append({"title": title, "ours": ours, "peer": peer, "op": op, "ratio": ratio,
+                       "target": target, "met": None if target is None else ratio >= target})
+    correct = all(res[v]["correct"] for v in VARIANTS)
+    print()
+    print(f"total wall time {wall:.0f}s; all loads correct: {correct}")
+    return {"args": vars(args), "machine": mach, "state_bytes": gb, "medians_s": med,
+            "ratios": ratios, "all_correct": correct, "wall_s": wall,
+            "server_peak_rss_mib": server_rss_mib, **data}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0, help="total fp32 state in GiB (default 1)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved timed rounds (default 3)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed full-size rounds before the timed ones (default 1)")
+    ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--bucket", help=argparse.SUPPRESS)
+    ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.gib <= 0 or args.reps < 1 or args.ranks < 1 or args.warmup < 0:
+        ap.error("--gib must be positive, --reps and --ranks >= 1, --warmup >= 0")
+
+    import resource
+
+    from tests.s3util import S3Endpoint
+
+    t0 = time.perf_counter()
+    mach = machine()
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
+        endpoint.make_bucket(bucket)
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.ranks), os.path.abspath(__file__), "--worker",
+               "--gib", repr(args.gib), "--reps", str(args.reps), "--warmup", str(args.warmup), "--endpoint", endpoint.url,
+               "--bucket", bucket, "--server-pid", str(os.getpid()), "--out", out]
+        env = dict(os.environ)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
+        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        print(f"moto S3 server {endpoint.url} (pid {os.getpid()}), bucket {bucket}", file=sys.stderr)
+        # Worker chatter goes to stderr so stdout carries only the report.
+        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
+        if rc != 0:
+            print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
+            sys.exit(2)
+        with open(out) as f:
+            data = json.load(f)
+        endpoint.delete_bucket(bucket)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = report(args, data, mach, time.perf_counter() - t0, rss)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}")
+    sys.exit(0 if result["all_correct"] else 1)
+
+
+if __name__ == "__main__":
+    main()
