@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
-__all__ = ["Knobs", "get", "override", "use"]
+T = TypeVar("T")
+
+__all__ = ["Knobs", "get", "override", "use", "bind"]
 
 
 def _env_int(name: str, default: int, allow_zero: bool = False) -> int:
@@ -45,9 +48,9 @@ class Knobs:
     writeback_bytes: int = 8 << 20
     #: Object stores: a rank starts a new shard object once the current one holds this
     #: many bytes (at a tensor boundary): many whole objects move in parallel.
-    object_bytes: int = 64 << 20
+    object_bytes: int = 32 << 20
     #: Object stores: size of one multipart-upload part (S3 needs >= 5 MiB but the last).
-    part_bytes: int = 16 << 20
+    part_bytes: int = 32 << 20
     #: Object stores: parts of one shard file uploaded at once (memory: about this + 1 parts).
     upload_concurrency: int = 4
     #: Object stores: one read is split into ranged GETs of this size, fetched concurrently.
@@ -119,3 +122,15 @@ def override(**changes: int) -> Iterator[Knobs]:
         yield _current
     finally:
         _current = previous
+
+
+def bind(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` to run on a worker thread under the knobs in force here and now (a pool
+    thread would otherwise see the process-wide knobs, not this save's snapshot)."""
+    snapshot = get()
+
+    def run() -> T:
+        with use(snapshot):
+            return fn()
+
+    return run

@@ -28,3 +28,14 @@ def test_environment_overrides():
     bad = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "SHARDCKPT_CHUNK_BYTES": "lots"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "SHARDCKPT_CHUNK_BYTES" in bad.stderr
+
+
+def test_bind_carries_this_threads_snapshot_to_a_worker_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with knobs.override(chunk_bytes=4096):
+        snapshot = knobs.get()
+    with knobs.use(snapshot), ThreadPoolExecutor(1) as pool:
+        bound = pool.submit(knobs.bind(lambda: knobs.get().chunk_bytes)).result()
+        unbound = pool.submit(lambda: knobs.get().chunk_bytes).result()
+    assert bound == 4096 and unbound == knobs.Knobs.from_env().chunk_bytes != 4096

@@ -186,7 +186,7 @@ class ShardckptReader(StorageReader):
                 workers = k.read_concurrency if self.storage.capabilities.remote else k.io_threads
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardckpt-read") as pool:
                     futures = [
-                        pool.submit(_read_piece, files, key_entry_shard, piece)
+                        pool.submit(knobs.bind(lambda j=key_entry_shard, pc=piece: _read_piece(files, j, pc)))
                         for key_entry_shard in jobs
                         for piece in _pieces(key_entry_shard, k.max_read_bytes)
                     ]

@@ -177,19 +177,24 @@ class _ShardWriter:
 class _RollingShard:
     """A rank's shard files: ``data/<id>-r<rank>.bin``, then ``...-r<rank>-1.bin`` ...
     once the current one holds ``limit`` bytes (0: never), cut at blob boundaries
-    (a blob lives in one file)."""
+    (a blob lives in one file). A full file is finished (its upload completed) in
+    the background while the next is filled, at most ``knobs.upload_concurrency``
+    at once, so a rank's objects go up in parallel; ``close`` waits for all."""
 
     def __init__(self, storage: Storage, rel: str, chunk_bytes: int, compression: Compression | None,
                  limit: int) -> None:
         self._args = (storage, chunk_bytes, compression)
         self._stem, self._limit, self._count = rel[: -len(".bin")], limit, 0
         self._current: _ShardWriter | None = None
+        self._closing: deque[Future[None]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._finishers = max(1, knobs.get().upload_concurrency)
 
     def next_blob(self) -> _ShardWriter:
         """The file the next blob goes into (a new one once the current is full)."""
         cur = self._current
         if cur is not None and self._limit and cur.pos >= self._limit:
-            cur.close()
+            self._finish_later(cur)
             cur = None
         if cur is None:
             storage, chunk_bytes, compression = self._args
@@ -198,13 +203,35 @@ class _RollingShard:
             cur = self._current = _ShardWriter(storage, rel, chunk_bytes, compression)
         return cur
 
+    def _finish_later(self, shard: _ShardWriter) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._finishers, thread_name_prefix="shardckpt-finish")
+        while len(self._closing) >= self._finishers:  # bounded memory: wait for the oldest
+            self._closing.popleft().result()
+        self._closing.append(self._pool.submit(knobs.bind(shard.close)))
+
     def close(self) -> None:
-        if self._current is not None:
-            self._current.close()
+        try:
+            if self._current is not None:
+                self._current.close()
+            while self._closing:
+                self._closing.popleft().result()
+        finally:
+            self._shutdown()
 
     def abort(self) -> None:
+        # Files already finished stay until the next save or retention removes them
+        # (nothing references them); the unfinished one is aborted.
+        for f in self._closing:
+            f.cancel()
         if self._current is not None:
             self._current.abort()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def default_compression(storage: Storage) -> Compression | None:

@@ -138,7 +138,7 @@ class _Upload:
             r = s3._call("upload_part", key, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": r["ETag"]}
 
-        self._in_flight.append(self._pool.submit(upload))
+        self._in_flight.append(self._pool.submit(knobs.bind(upload)))
 
     def close(self) -> None:
         s3, key = self._s3, self._key
@@ -203,7 +203,7 @@ class _Reader:
             return
         with ThreadPoolExecutor(min(len(ranges), max(1, k.read_concurrency)),
                                 thread_name_prefix="shardckpt-s3-read") as pool:
-            for f in [pool.submit(self._get, offset, view, s, e) for s, e in ranges]:
+            for f in [pool.submit(knobs.bind(lambda s=s, e=e: self._get(offset, view, s, e))) for s, e in ranges]:
                 f.result()
 
     def _get(self, base: int, view: memoryview, s: int, e: int) -> None:

@@ -89,7 +89,7 @@ def verify_dir(ckpt: CheckpointDir, share: tuple[int, int] = (0, 1)) -> VerifyRe
     jobs = [j for j in _blobs(manifest) if j[1].file in good_files][index::count]
     chunks = nbytes = 0
     with ThreadPoolExecutor(max_workers=knobs.get().io_threads) as pool:
-        for n, b, errs in pool.map(check, jobs):
+        for n, b, errs in [f.result() for f in [pool.submit(knobs.bind(lambda j=j: check(j))) for j in jobs]]:
             chunks, nbytes = chunks + n, nbytes + b
             damaged += errs
     if damaged:
