@@ -88,7 +88,7 @@ def test_large_shard_goes_up_in_parallel_parts(s3_bucket, fault_proxy):
 def test_a_rank_writes_several_objects_cut_at_tensor_boundaries(s3_bucket):
     sd = {f"t{i}": torch.randn(1 << 19) for i in range(5)}  # 5 x 2 MiB
     url, opts = s3_bucket.url("roll"), s3_bucket.storage_options
-    with knobs.override(object_bytes=3 << 20):
+    with knobs.override(object_bytes=5 << 20):
         shardckpt.save(sd, url, compression=None, storage_options=opts)
     objects = [k for k in _keys(s3_bucket.endpoint, s3_bucket.name, "roll/data/")]
     assert len(objects) == 3  # 2 tensors, 2 tensors, 1 tensor: never split across objects

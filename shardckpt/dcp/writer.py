@@ -176,8 +176,8 @@ class _ShardWriter:
 
 class _RollingShard:
     """A rank's shard files: ``data/<id>-r<rank>.bin``, then ``...-r<rank>-1.bin`` ...
-    once the current one holds ``limit`` bytes (0: never), cut at blob boundaries
-    (a blob lives in one file). A full file is finished (its upload completed) in
+    whenever the next blob would take the current one past ``limit`` bytes (0:
+    never), cut at blob boundaries (a blob lives in one file). A full file is finished (its upload completed) in
     the background while the next is filled, at most ``knobs.upload_concurrency``
     at once, so a rank's objects go up in parallel; ``close`` waits for all."""
 
@@ -190,10 +190,12 @@ class _RollingShard:
         self._pool: ThreadPoolExecutor | None = None
         self._finishers = max(1, knobs.get().upload_concurrency)
 
-    def next_blob(self) -> _ShardWriter:
-        """The file the next blob goes into (a new one once the current is full)."""
+    def next_blob(self, nbytes: int) -> _ShardWriter:
+        """The file the next blob (``nbytes`` before encoding) goes into: a new one if
+        it would take the current one past the limit, so a large tensor usually has
+        an object of its own and is read back whole, in one request."""
         cur = self._current
-        if cur is not None and self._limit and cur.pos >= self._limit:
+        if cur is not None and self._limit and cur.pos and cur.pos + nbytes > self._limit:
             self._finish_later(cur)
             cur = None
         if cur is None:
@@ -361,12 +363,12 @@ class ShardckptWriter(StorageWriter):
                     raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
                 pieces = t.pieces if isinstance(t, StagedTensor) else [(_tensor_bytes(t), None)]
                 floating = t.dtype.is_floating_point or t.dtype.is_complex
-                shard = shards.next_blob()
+                shard = shards.next_blob(t.nbytes if isinstance(t, StagedTensor) else t.numel() * t.element_size())
                 offset, chunks = shard.append(pieces, t.dtype.itemsize, floating=floating)
                 results.append(WriteResult(item.index, shard.pos - offset, _Stored(shard.rel, offset, chunks)))
             for index, enc, payload in pending:
                 # objects stay raw: their size is then bounded by the file's on load
-                shard = shards.next_blob()
+                shard = shards.next_blob(len(payload))
                 offset, chunks = shard.append([(memoryview(payload), None)], compress=False)
                 results.append(WriteResult(index, len(payload), _Stored(shard.rel, offset, chunks, enc)))
             shards.close()
