@@ -3,7 +3,8 @@
 >>> import shardckpt
 >>> shardckpt.save(state_dict, "ckpts/step_100")
 >>> shardckpt.load(state_dict, "ckpts/step_100")   # reshards to the current world size
->>> shardckpt.verify("ckpts/step_100")             # checks every chunk's CRC32C
+>>> shardckpt.verify("ckpts/step_100")             # checks every chunk's CRC32C and decoding
+>>> shardckpt.convert("ckpts/step_100", "model.safetensors", only="state.model")
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ from . import knobs
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._preempt import run_and_exit
 from .api import VerifyReport, async_save, close, load, save, verify
+from .converters import ConvertReport, convert
 from .dcp import SafeLoadPlanner, ShardckptReader, ShardckptWriter
 from .errors import (
     CheckpointExistsError,
@@ -23,6 +25,7 @@ from .errors import (
     IncompleteCheckpointError,
     SaveInProgressError,
     ShardckptError,
+    UnsupportedFormatError,
 )
 from .format.codec import Compression
 from .manager import CheckpointManager
@@ -61,4 +64,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointWriteError",
     "CheckpointReadError",
+    "UnsupportedFormatError",
+    "convert",
+    "ConvertReport",
 ]

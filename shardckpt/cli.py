@@ -341,8 +341,8 @@ def _cmd_gc(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progr
 def _cmd_convert(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
     import dataclasses
 
-    from .convert import convert
-    from .convert.cli import format_report
+    from .converters import convert
+    from .converters.cli import format_report
 
     # shardckpt.convert draws its own progress (bytes written) on stderr, bar or lines.
     report = convert(a.src, a.dst, to=a.to, only=a.only, max_shard_size=a.max_shard_size, dtype=a.dtype,
@@ -353,7 +353,7 @@ def _cmd_convert(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _
 
 
 def _target(text: str) -> str:
-    from .convert import TARGETS  # lazily: the other verbs never import the converters
+    from .converters import TARGETS  # lazily: the other verbs never import the converters
 
     if text not in TARGETS:
         raise argparse.ArgumentTypeError(f"unknown format {text!r} (choose from {', '.join(TARGETS)})")
@@ -361,7 +361,7 @@ def _target(text: str) -> str:
 
 
 def _shard_size(text: str) -> int:
-    from .convert.plan import parse_size
+    from .converters.plan import parse_size
 
     try:
         return parse_size(text) or 0

@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointWriteError",
     "CheckpointReadError",
     "SaveInProgressError",
+    "UnsupportedFormatError",
 ]
 
 
@@ -94,3 +95,17 @@ class CheckpointReadError(ShardckptError):
 
 class SaveInProgressError(ShardckptError):
     """``async_save(..., busy="error")`` while an earlier save is still running on some rank."""
+
+
+class UnsupportedFormatError(ShardckptError):
+    """``shardckpt.convert`` cannot read the source safely: its format is not one it
+    knows, or reading it would mean running code the file carries (a pickled object
+    that ``weights_only`` refuses, a DCP ``.metadata`` naming a class outside DCP's
+    metadata schema).
+
+    ``path`` names the file; ``refused_global`` the pickled global that was refused,
+    when there was one. Nothing from the file was executed.
+    """
+
+    path: str | None = None
+    refused_global: str | None = None

@@ -1,0 +1,5 @@
+"""``python -m shardckpt.converters SRC DST ...``"""
+
+from .cli import main
+
+raise SystemExit(main())
