@@ -34,7 +34,6 @@ import io
 import math
 import pickle
 import posixpath
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
@@ -46,12 +45,13 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ..format.layout import DTYPES
-from ..storage import RandomReader, Storage
+from ..storage import Storage
 from .items import (
     Buffers,
     Dropped,
     Item,
     ObjectItem,
+    OpenReaders,
     Step,
     TensorItem,
     box_slices,
@@ -158,8 +158,7 @@ class DcpSource:
         self.storage, self.url, self._trust = storage, storage.url, trust_pickle
         self.dropped: list[Dropped] = []
         self.metadata: dict[str, Any] = {}
-        self._readers: dict[str, RandomReader] = {}
-        self._lock = threading.Lock()
+        self._files = OpenReaders(self.storage, self.url, "data file")
         where = f"{self.url.rstrip('/')}/{DCP_METADATA}"
         md = read_dcp_metadata(storage.read_bytes(DCP_METADATA), where)
         storage_data = md.storage_data if isinstance(md.storage_data, dict) else {}
@@ -225,19 +224,9 @@ class DcpSource:
     def items(self) -> list[Item]:
         return list(self._items)
 
-    def _reader(self, rel: str) -> RandomReader:
-        with self._lock:
-            r = self._readers.get(rel)
-            if r is None:
-                try:
-                    r = self._readers[rel] = self.storage.open_reader(rel)
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(f"{self.url}: data file {rel} is missing", file=rel) from None
-            return r
-
     def _load_item(self, rel: str, offset: int, length: int, key: str, trust: bool) -> Any:
         where = f"{self.url.rstrip('/')}/{rel}[{offset}:{offset + length}] (key {key!r})"
-        r = self._reader(rel)
+        r = self._files.get(rel)
         if offset + length > r.size():
             raise CorruptCheckpointError(f"{where}: past the end of a {r.size()}-byte file", file=rel, key=key)
         magic = bytearray(min(4, length))
@@ -287,7 +276,4 @@ class DcpSource:
         return self._load_item(rel, offset, length, item.key, self._trust)
 
     def close(self) -> None:
-        with self._lock:
-            for r in self._readers.values():
-                r.close()
-            self._readers.clear()
+        self._files.close()

@@ -12,7 +12,6 @@ one tensor at a time, from the same bounded reads.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,13 +22,14 @@ from ..format.chunks import read_chunks
 from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
 from ..format.manifest import BlobRef, ObjectEntry, TensorEntry
 from ..format.objects import decode_object, weights_only_reason
-from ..storage import RandomReader, Storage
+from ..storage import Storage
 from ..store import CheckpointDir
 from .items import (
     Buffers,
     Dropped,
     Item,
     ObjectItem,
+    OpenReaders,
     Step,
     TensorItem,
     box_slices,
@@ -69,8 +69,7 @@ class ShardckptSource:
         self.manifest = CheckpointDir(storage).read_checked()
         self.dropped: list[Dropped] = []
         self.metadata: dict[str, Any] = {}
-        self._readers: dict[str, RandomReader] = {}
-        self._lock = threading.Lock()
+        self._files = OpenReaders(self.storage, self.url, "shard file")
 
     def items(self) -> list[Item]:
         out: list[Item] = []
@@ -80,16 +79,6 @@ class ShardckptSource:
             else:
                 out.append(ObjectItem(key, e.key_path))
         return out
-
-    def _reader(self, rel: str) -> RandomReader:
-        with self._lock:
-            r = self._readers.get(rel)
-            if r is None:
-                try:
-                    r = self._readers[rel] = self.storage.open_reader(rel)
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(f"{self.url}: shard file {rel} is missing", file=rel) from None
-            return r
 
     def stream(self, items: Sequence[TensorItem], out_dtypes: Sequence[torch.dtype],
                max_bytes: int) -> Iterator[tuple[TensorItem, torch.Tensor]]:
@@ -114,7 +103,7 @@ class ShardckptSource:
 
     def _read_run(self, item: TensorItem, blob: BlobRef, lo: int, hi: int, od: torch.dtype,
                   bufs: Buffers) -> list[torch.Tensor]:
-        buf, start = read_chunks(self._reader(blob.file), blob, lo, hi, bufs.alloc, item.key)
+        buf, start = read_chunks(self._files.get(blob.file), blob, lo, hi, bufs.alloc, item.key)
         if start != lo or buf.numel() != hi - lo:  # runs are whole chunks by construction
             raise CorruptCheckpointError(f"{self.url}: key {item.key!r}: chunk index inconsistent", key=item.key)
         return [cast(buf.view(item.dtype), od)]
@@ -130,7 +119,7 @@ class ShardckptSource:
             for offs, lens, _, _ in split_box(s.sizes, zero, s.sizes, isz, piece_bytes(max_bytes, isz)):
                 lo, hi = box_flat_range(s.sizes, offs, lens)
                 bufs.reset()
-                buf, start = read_chunks(self._reader(s.blob.file), s.blob, lo * isz, hi * isz, bufs.alloc, item.key)
+                buf, start = read_chunks(self._files.get(s.blob.file), s.blob, lo * isz, hi * isz, bufs.alloc, item.key)
                 src = buf.view(dtype).as_strided(lens, contiguous_strides(s.sizes), lo - start // isz)
                 out[box_slices([a + b for a, b in zip(s.offsets, offs)], lens)].copy_(src)
         return flat_pieces(out, max_bytes)
@@ -141,7 +130,7 @@ class ShardckptSource:
             raise CorruptCheckpointError(f"{self.url}: key {item.key!r} is not an object", key=item.key)
         if e.blob is None:
             return e.value
-        buf, _ = read_chunks(self._reader(e.blob.file), e.blob, 0, e.blob.raw_len,
+        buf, _ = read_chunks(self._files.get(e.blob.file), e.blob, 0, e.blob.raw_len,
                              lambda n: torch.empty(n, dtype=torch.uint8), item.key)
         try:
             return decode_object(e.encoding, bytes(buf.numpy()))
@@ -151,7 +140,4 @@ class ShardckptSource:
                 f"({type(exc).__name__}: {weights_only_reason(exc)})", key=item.key) from None
 
     def close(self) -> None:
-        with self._lock:
-            for r in self._readers.values():
-                r.close()
-            self._readers.clear()
+        self._files.close()
