@@ -281,3 +281,16 @@ def test_manager_on_s3_keeps_last_and_falls_back_past_corrupt(s3_bucket):
         assert mgr.restore(h) == 2
     _assert_equal(h.sd, _state(2))
     assert "mgr/.shardckpt-owner" not in _keys(s3_bucket.endpoint, s3_bucket.name)
+
+
+def test_an_object_of_exactly_one_part_is_a_single_put(s3_bucket, fault_proxy):
+    from shardckpt.storage import open_storage
+
+    s = open_storage(s3_bucket.url("onepart"), storage_options=fault_proxy.storage_options())
+    with knobs.override(part_bytes=5 << 20):
+        w = s.open_writer("data/x.bin")
+        w.write(b"\7" * (5 << 20))
+        w.close()
+    data_requests = [(r.method, r.status) for r in fault_proxy.log if r.path.endswith("/onepart/data/x.bin")]
+    assert data_requests == [("PUT", 200)]  # no CreateMultipartUpload / Complete (POSTs)
+    assert s.size("data/x.bin") == 5 << 20

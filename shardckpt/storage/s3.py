@@ -116,11 +116,13 @@ class _Upload:
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
         while view.nbytes:
+            # A full part goes up only once more bytes follow: a file of exactly one
+            # part is then one PUT at close, not a one-part multipart upload.
+            if len(self._buf) == self._part_bytes:
+                self._send_part()
             take = min(self._part_bytes - len(self._buf), view.nbytes)
             self._buf += view[:take]
             view = view[take:]
-            if len(self._buf) == self._part_bytes:
-                self._send_part()
 
     def _send_part(self) -> None:
         s3, key = self._s3, self._key
