@@ -81,18 +81,16 @@ class Group:
         """Run ``fn`` on every rank; if any rank fails, every rank raises. Only the
         status travels (``None`` or the failure), not ``fn``'s result."""
         mine = _attempt(fn)
-        status = mine if isinstance(mine, _Failed) else None
-        outcomes: list[Any] = [status]
-        if self.distributed:
-            outcomes = [None] * self.world_size
-            dist.all_gather_object(outcomes, status, group=self.group)
-        self._raise_if_failed(step, outcomes, status, default_error)
+        self._exchange(step, mine if isinstance(mine, _Failed) else None, default_error)
         return mine  # type: ignore[return-value]
 
     def all_gather(self, step: str, fn: Callable[[], T], default_error: type[ShardckptError]) -> list[T]:
         """Run ``fn`` on every rank and give every rank all the results (for values
         every rank really needs, e.g. each rank's RNG state); failures raise everywhere."""
-        mine = _attempt(fn)
+        return self._exchange(step, _attempt(fn), default_error)
+
+    def _exchange(self, step: str, mine: Any, default_error: type[ShardckptError]) -> list[Any]:
+        """All-gather ``mine`` (a value or a ``_Failed``); raise if any rank failed."""
         outcomes: list[Any] = [mine]
         if self.distributed:
             outcomes = [None] * self.world_size
@@ -132,12 +130,9 @@ class Group:
     ) -> R:
         """Each rank computes a value; the coordinator turns them into one result for all
         (sent once, by broadcast)."""
-        mine = _attempt(local_fn)
         if not self.distributed:
-            self._raise_if_failed(step, [mine], mine, default_error)
-            out = _attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
-            self._raise_if_failed(step, [out], out, default_error)
-            return out  # type: ignore[return-value]
+            return self.gather_scatter(step, local_fn, lambda vals: [global_fn(vals)], default_error)
+        mine = _attempt(local_fn)
         gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
         dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
         box: list[Any] = [None]

@@ -45,6 +45,7 @@ from .dcp.writer import ShardckptWriter
 from .errors import CheckpointWriteError, ShardckptError
 from .format.codec import Compression
 from .format.codec import resolve as resolve_compression
+from .storage import check_storage_options
 
 __all__ = ["SaveRequest", "PlannedSave", "plan_save", "write_and_commit", "typed_save_errors"]
 
@@ -80,8 +81,7 @@ class SaveRequest:
                 raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
         if compression != "auto":
             resolve_compression(compression)  # a bad argument is a usage error, raised here
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+        check_storage_options(storage_options)
         return cls(os.fspath(path), bool(overwrite), dict(metadata or {}), compression,
                    dict(storage_options) if storage_options is not None else None, knobs.get())
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,6 +73,7 @@ from .store import (
     UNUSABLE,
     CheckpointDir,
     CheckpointRoot,
+    parse_step,
     status_of,
     step_dirname,
     verify_dir,
@@ -84,7 +84,6 @@ __all__ = ["CheckpointManager", "OWNER_MARKER", "step_dirname"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
@@ -341,8 +340,7 @@ class CheckpointManager:
         s = manifest.metadata.get("step")
         if isinstance(s, int) and not isinstance(s, bool):
             return s
-        m = _STEP_DIR.match(os.path.basename(path.rstrip("/")))
-        return int(m.group(1)) if m else None
+        return parse_step(os.path.basename(path.rstrip("/")))
 
     # ---------------------------------------------------------------- preemption
 

@@ -63,10 +63,10 @@ from .store import (
     CheckpointDir,
     CheckpointRoot,
     OwnerMarker,
+    parse_step,
     status_of,
     verify_dir,
 )
-from .store.root import parse_step
 
 __all__ = [
     "Progress",

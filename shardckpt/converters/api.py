@@ -31,7 +31,7 @@ from ..errors import CheckpointNotFoundError, UnsupportedFormatError
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
 from ..format.manifest import DATA_DIR, MANIFEST_NAME
-from ..storage import open_storage
+from ..storage import check_storage_options, open_storage
 from .items import Dropped, Source
 from .output import Written, require_absent, require_empty_dir
 from .plan import make_plan, parse_dtype, parse_size
@@ -198,8 +198,7 @@ def convert(
     cast = parse_dtype(dtype)
     if compression != "auto":
         resolve_compression(compression)  # a bad argument is a usage error, raised before any I/O
-    if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    check_storage_options(storage_options)
     max_bytes = knobs.get().max_read_bytes
     source = open_source(src_url, storage_options, trust_pickle)
     try:

@@ -6,7 +6,13 @@ other fsspec URL (generic). What a checkpoint directory means is ``shardckpt.sto
 from __future__ import annotations
 
 from .base import Capabilities, RandomReader, ShardFile, Storage
-from .registry import ENTRY_POINT_GROUP, BackendFactory, open_storage, register_backend
+from .registry import (
+    ENTRY_POINT_GROUP,
+    BackendFactory,
+    check_storage_options,
+    open_storage,
+    register_backend,
+)
 
 __all__ = [
     "Storage",
@@ -14,6 +20,7 @@ __all__ = [
     "ShardFile",
     "RandomReader",
     "open_storage",
+    "check_storage_options",
     "register_backend",
     "BackendFactory",
     "ENTRY_POINT_GROUP",

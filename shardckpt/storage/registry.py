@@ -21,7 +21,7 @@ from typing import Any
 
 from .base import Storage
 
-__all__ = ["BackendFactory", "register_backend", "open_storage", "ENTRY_POINT_GROUP"]
+__all__ = ["BackendFactory", "register_backend", "open_storage", "check_storage_options", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "shardckpt.backends"
 #: ``factory(url, storage_options) -> Storage``
@@ -80,14 +80,20 @@ def _open_fsspec(url: str, options: Mapping[str, Any]) -> Storage:
 _BUILTIN: dict[str, BackendFactory] = {"": _open_local, "file": _open_local, "s3": _open_s3, "s3a": _open_s3}
 
 
+def check_storage_options(storage_options: Any) -> None:
+    """``TypeError`` unless ``storage_options`` is None or a mapping (a usage error,
+    raised before any I/O)."""
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+
+
 def open_storage(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Storage:
     """The backend for a checkpoint URL or path. ``storage_options`` go to the
     backend (for fsspec/s3fs: the filesystem's constructor arguments)."""
     url = os.fspath(url)
     if not url:
         raise ValueError("checkpoint path is empty")
-    if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    check_storage_options(storage_options)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     options = dict(storage_options or {})
     factory = _registered.get(scheme) or (_declared(scheme) if scheme else None) or _BUILTIN.get(scheme)

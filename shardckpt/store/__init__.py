@@ -8,7 +8,7 @@ from __future__ import annotations
 from .checkpoint import SHARED_STORAGE_HINT, CheckpointDir
 from .commit import CommitStrategy, ManifestLastPut, RenameCommit, commit_strategy
 from .owner import OWNER_MARKER, OwnerMarker
-from .root import UNUSABLE, CheckpointRoot, status_of, step_dirname
+from .root import UNUSABLE, CheckpointRoot, parse_step, status_of, step_dirname
 from .verify import VerifyReport, verify_dir
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "VerifyReport",
     "verify_dir",
     "step_dirname",
+    "parse_step",
     "status_of",
     "UNUSABLE",
     "SHARED_STORAGE_HINT",

@@ -19,7 +19,7 @@ from .checkpoint import CheckpointDir
 from .owner import OwnerMarker
 from .verify import verify_dir
 
-__all__ = ["CheckpointRoot", "step_dirname", "UNUSABLE", "status_of"]
+__all__ = ["CheckpointRoot", "step_dirname", "parse_step", "UNUSABLE", "status_of"]
 
 log = logging.getLogger("shardckpt.manager")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -34,6 +34,7 @@ def step_dirname(step: int) -> str:
 
 
 def parse_step(name: str) -> int | None:
+    """The step of a directory named by ``step_dirname``, else None."""
     m = _STEP_DIR.match(name)
     return int(m.group(1)) if m else None
 
