@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from . import knobs
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._preempt import run_and_exit
+from ._replicas import ReplicaDivergenceWarning
 from .api import VerifyReport, async_save, close, load, save, verify
 from .converters import ConvertReport, convert
 from .dcp import SafeLoadPlanner, ShardckptReader, ShardckptWriter
@@ -65,6 +66,7 @@ __all__ = [
     "CheckpointWriteError",
     "CheckpointReadError",
     "UnsupportedFormatError",
+    "ReplicaDivergenceWarning",
     "convert",
     "ConvertReport",
 ]

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from . import knobs
 from ._dist import Group
+from ._replicas import CheckReplicas
 from ._save import SaveRequest, plan_save, typed_save_errors, write_and_commit
 from .errors import CheckpointWriteError, SaveInProgressError, ShardckptError
 from .format.codec import Compression
@@ -125,6 +126,7 @@ class AsyncCheckpointer:
         staging_budget_bytes: int | None = None,
         busy: Busy = "wait",
         storage_options: dict[str, Any] | None = None,
+        check_replicas: CheckReplicas = "error",
     ) -> AsyncSaveHandle | None:
         """Start a save; return once this rank's state is staged.
 
@@ -143,7 +145,7 @@ class AsyncCheckpointer:
             raise ValueError("staging_budget_bytes must be positive")
         t0 = time.perf_counter()
         request = SaveRequest.make(path, overwrite=overwrite, metadata=metadata, compression=compression,
-                                   storage_options=storage_options)
+                                   storage_options=storage_options, check_replicas=check_replicas)
         bg, ctl = self._groups()
         if busy != "wait" and self._any_rank_busy(ctl):
             if busy == "skip":
@@ -153,7 +155,7 @@ class AsyncCheckpointer:
 
         what = f"async save to {request.path}"
         with knobs.use(request.knobs), typed_save_errors(what):
-            planned = plan_save(state_dict, request.writer(), bg)
+            planned = plan_save(state_dict, request.writer(), bg, request.check_replicas)
         tensors, objects = [], {}
         for item in planned.plan.items:
             if item.type == WriteItemType.BYTE_IO:

@@ -13,7 +13,9 @@ Call order, per part (``[all]`` every rank, ``[coord]`` the coordinator):
              back to each rank
   3. [all]   planner.finish_plan; writer.check_shared (the coordinator's probe is
              visible: ranks on a node-local path fail here, before any byte of
-             data is written); only the status is gathered
+             data is written); with ``check_replicas`` on, each rank's CRC32C of
+             the items several ranks hold goes to the coordinator, which raises
+             (or warns) if copies differ (``_replicas``); else only the status
 ``write_and_commit``
   4. [all]   writer.write_items: this rank's shard file, chunked, CRC32C, fsynced
   5. [coord] only if every rank succeeded: writer.finish commits the manifest
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +44,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from . import knobs
 from ._dist import Group
+from ._replicas import (
+    CheckReplicas,
+    ReplicaDivergenceWarning,
+    check_mode,
+    divergence,
+    fingerprints,
+    replicated_positions,
+)
 from .dcp.writer import ShardckptWriter
 from .errors import CheckpointWriteError, ShardckptError
 from .format.codec import Compression
@@ -62,6 +73,7 @@ class SaveRequest:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     compression: None | str | Compression = "auto"
     storage_options: Mapping[str, Any] | None = None
+    check_replicas: CheckReplicas = "error"
     knobs: knobs.Knobs = field(default_factory=knobs.get)
 
     @classmethod
@@ -73,6 +85,7 @@ class SaveRequest:
         metadata: Mapping[str, Any] | None = None,
         compression: None | str | Compression = "auto",
         storage_options: Mapping[str, Any] | None = None,
+        check_replicas: CheckReplicas = "error",
     ) -> SaveRequest:
         if metadata is not None:
             try:
@@ -83,7 +96,8 @@ class SaveRequest:
             resolve_compression(compression)  # a bad argument is a usage error, raised here
         check_storage_options(storage_options)
         return cls(os.fspath(path), bool(overwrite), dict(metadata or {}), compression,
-                   dict(storage_options) if storage_options is not None else None, knobs.get())
+                   dict(storage_options) if storage_options is not None else None,
+                   check_mode(check_replicas), knobs.get())
 
     def writer(self) -> ShardckptWriter:
         return ShardckptWriter(self.path, overwrite=self.overwrite, metadata=dict(self.metadata),
@@ -117,29 +131,51 @@ def flatten_stateful(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
 
 
-def plan_save(state_dict: dict[str, Any], writer: ShardckptWriter, group: Group) -> PlannedSave:
+def plan_save(
+    state_dict: dict[str, Any], writer: ShardckptWriter, group: Group, check_replicas: CheckReplicas = "error"
+) -> PlannedSave:
     planner = DefaultSavePlanner()
     state_dict = flatten_stateful(state_dict)
     global_md: list[Metadata] = []
+    local_plans: list[SavePlan] = []  # coordinator: the plans before DCP's dedup
+    positions: list[list[int]] = []
+    mine_local: list[SavePlan] = []  # this rank's local plan: positions index into it
 
     def local() -> SavePlan:
         planner.set_up_planner(state_dict, storage_meta=writer.storage_meta(), is_coordinator=group.is_coordinator)
         writer.set_up_storage_writer(group.is_coordinator)
-        return writer.prepare_local_plan(planner.create_local_plan())
+        mine_local.append(writer.prepare_local_plan(planner.create_local_plan()))
+        return mine_local[0]
 
-    def coordinate(plans: list[SavePlan]) -> list[SavePlan]:
-        plans, md = planner.create_global_plan(plans)
+    def coordinate(plans: list[SavePlan]) -> list[tuple[SavePlan, list[int]]]:
+        if check_replicas != "off":
+            local_plans.extend(plans)
+            positions.extend(replicated_positions(plans))
+        final, md = planner.create_global_plan(plans)
         global_md.append(md)
-        return writer.prepare_global_plan(plans)
+        final = writer.prepare_global_plan(final)
+        return list(zip(final, positions or [[] for _ in final]))
 
-    def finish() -> SavePlan:
-        plan = planner.finish_plan(central)
+    central, mine = group.gather_scatter("planning the save", local, coordinate, CheckpointWriteError)
+    plan = planner.finish_plan(central)
+
+    def finish() -> list[int]:
         writer.check_shared(plan, group.rank)
-        return plan
+        return fingerprints(planner, mine_local[0], mine)
 
-    central = group.gather_scatter("planning the save", local, coordinate, CheckpointWriteError)
-    final = group.run("planning the save", finish, CheckpointWriteError)
-    return PlannedSave(writer, planner, final, global_md[0] if global_md else None)
+    def compare(crcs: list[list[int]]) -> str | None:
+        found = divergence(local_plans, positions, crcs) if positions else None
+        if found is not None and check_replicas == "error":
+            raise CheckpointWriteError(found.message(), key=next(iter(found.keys)))
+        return found.message() if found is not None else None
+
+    if check_replicas == "off":
+        group.run("planning the save", lambda: writer.check_shared(plan, group.rank), CheckpointWriteError)
+    else:
+        warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
+        if warning is not None and group.is_coordinator:
+            warnings.warn(warning, ReplicaDivergenceWarning, stacklevel=3)
+    return PlannedSave(writer, planner, plan, global_md[0] if global_md else None)
 
 
 def write_and_commit(planned: PlannedSave, resolve: Resolver, group: Group) -> None:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from . import _async, knobs
 from ._async import AsyncSaveHandle, Busy
 from ._dist import Group, raise_gathered
+from ._replicas import CheckReplicas
 from ._save import SaveRequest, plan_save, typed_save_errors, write_and_commit
 from .dcp.planner import SafeLoadPlanner
 from .dcp.reader import ShardckptReader
@@ -63,6 +64,7 @@ def save(
     compression: None | str | Compression = "auto",
     process_group: dist.ProcessGroup | None = None,
     storage_options: StorageOptions = None,
+    check_replicas: CheckReplicas = "error",
 ) -> None:
     """Save ``state_dict`` as a sharded checkpoint at ``path`` (a path or fsspec URL).
 
@@ -77,17 +79,21 @@ def save(
     chunk records its codec). On several ranks the path must be storage every
     rank sees (a shared filesystem or an object store): a node-local path is
     detected before any data is written (``CheckpointWriteError`` naming the
-    ranks that cannot see the coordinator's files).
+    ranks that cannot see the coordinator's files). ``check_replicas``: an item
+    several ranks save under the same key is written once, so every rank's copy
+    is checksummed first and copies that differ raise ``CheckpointWriteError``
+    naming the keys and ranks (``"error"``), warn (``"warn"``) or are not
+    checked (``"off"``).
 
     >>> shardckpt.save({"model": model.state_dict(), "step": 100}, "ckpts/step_100")
     >>> shardckpt.save(sd, "s3://bucket/run1/step_100", storage_options={"profile": "train"})
     """
     request = SaveRequest.make(path, overwrite=overwrite, metadata=metadata, compression=compression,
-                               storage_options=storage_options)
+                               storage_options=storage_options, check_replicas=check_replicas)
     _async.wait_all()  # one save at a time; reports an earlier background failure
     group = Group(process_group)
     with knobs.use(request.knobs), typed_save_errors(f"save to {request.path}"):
-        planned = plan_save(state_dict, request.writer(), group)
+        planned = plan_save(state_dict, request.writer(), group, request.check_replicas)
         write_and_commit(planned, planned.planner.resolve_data, group)
 
 
@@ -102,6 +108,7 @@ def async_save(
     staging_budget_bytes: int | None = None,
     busy: Busy = "wait",
     storage_options: StorageOptions = None,
+    check_replicas: CheckReplicas = "error",
 ) -> AsyncSaveHandle | None:
     """Like ``save``, but return once this rank's state is copied into reused
     staging buffers; a background thread writes and commits.
@@ -110,7 +117,8 @@ def async_save(
     holds the values at call time. ``handle.result()`` waits and re-raises a
     background failure (typed, naming ranks); ``handle.done()`` polls. Only one
     save is in flight: see ``busy``. Bound staging memory with
-    ``staging_budget_bytes``. Call ``shardckpt.close()`` (or use an
+    ``staging_budget_bytes``. ``check_replicas`` as in ``save`` (checked before
+    this returns). Call ``shardckpt.close()`` (or use an
     ``AsyncCheckpointer`` as a context manager) before exiting.
 
     >>> h = shardckpt.async_save(sd, "ckpts/step_200")
@@ -120,6 +128,7 @@ def async_save(
     return _async.default_checkpointer(process_group).async_save(
         state_dict, path, overwrite=overwrite, metadata=metadata, compression=compression,
         staging_budget_bytes=staging_budget_bytes, busy=busy, storage_options=storage_options,
+        check_replicas=check_replicas,
     )
 
 

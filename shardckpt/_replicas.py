@@ -1,0 +1,124 @@
+"""Replica divergence check: items stored under the same key on several ranks.
+
+DCP's planner treats an item that several ranks save under the same index
+(a plain tensor or value under the same key, a ``Replicate()`` DTensor shard) as
+one replicated item and writes one rank's copy. If the ranks' copies differ —
+DDP replicas drifted through a bug or nondeterminism — the others are dropped
+silently. This module makes that loud, in three steps of ``plan_save``:
+
+1. [coord] ``replicated_positions(plans)``: before DCP's dedup, which positions
+   of each rank's local plan are held by more than one rank (hashing, linear in
+   the number of items).
+2. [all]   ``fingerprints(planner, plan, positions)``: CRC32C of this rank's bytes
+   of each such item (tensors at memory speed, GIL released; values as DCP
+   serializes them). Only these small integers are gathered, to the coordinator.
+3. [coord] ``divergence(...)``: the keys whose copies differ and which ranks
+   hold which copy; ``plan_save`` raises ``CheckpointWriteError`` before any
+   byte is written (``check_replicas="error"``, the default) or warns.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+
+from ._checksum import crc32c
+
+__all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "replicated_positions", "fingerprints", "divergence"]
+
+CheckReplicas = Literal["error", "warn", "off"]
+_MODES = ("error", "warn", "off")
+_SHOWN = 10  # keys named in one message; the count says how many more
+
+
+class ReplicaDivergenceWarning(UserWarning):
+    """``check_replicas="warn"``: replicated items differ between ranks; one copy was saved."""
+
+
+def check_mode(value: Any) -> CheckReplicas:
+    if value not in _MODES:
+        raise ValueError(f"check_replicas must be one of {_MODES}, not {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _key(item: Any) -> tuple[str, tuple[int, ...] | None]:
+    off = item.index.offset
+    return item.index.fqn, tuple(off) if off is not None else None
+
+
+def replicated_positions(plans: Sequence[SavePlan]) -> list[list[int]]:
+    """Per rank, the positions in its local plan of items another rank also holds."""
+    holders: dict[tuple[str, tuple[int, ...] | None], int] = {}
+    for plan in plans:
+        for item in plan.items:
+            k = _key(item)
+            holders[k] = holders.get(k, 0) + 1
+    return [[i for i, item in enumerate(plan.items) if holders[_key(item)] > 1] for plan in plans]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` in row-major order, on the host (a copy only if needed)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def fingerprints(planner: SavePlanner, plan: SavePlan, positions: Sequence[int]) -> list[int]:
+    """CRC32C of this rank's copy of each item at ``positions`` of its local plan."""
+    out = []
+    for i in positions:
+        item = plan.items[i]
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            # torch.save's bytes are a function of the value alone (checked across
+            # processes), so equal values give equal CRCs on every rank.
+            out.append(crc32c(data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)))
+        else:
+            out.append(crc32c(tensor_bytes(data)))
+    return out
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Keys whose replicas differ: key -> groups of ranks that hold the same bytes."""
+
+    keys: dict[str, list[list[int]]]
+
+    def message(self) -> str:
+        shown = list(self.keys.items())[:_SHOWN]
+        parts = [f"{k!r}: " + " vs ".join(f"ranks {g}" for g in groups) for k, groups in shown]
+        more = len(self.keys) - len(shown)
+        tail = f" (and {more} more keys)" if more > 0 else ""
+        return (
+            f"replicated items differ between ranks (each rank's copy of a key saved by several "
+            f"ranks must be identical; only one copy is written): {'; '.join(parts)}{tail}. "
+            "Find why the replicas diverged, save per-rank values under per-rank keys, or pass "
+            "check_replicas='warn' or 'off'."
+        )
+
+
+def divergence(
+    plans: Sequence[SavePlan], positions: Sequence[Sequence[int]], crcs: Sequence[Sequence[int]]
+) -> Divergence | None:
+    """Coordinator: compare every rank's fingerprints of each replicated item."""
+    seen: dict[tuple[str, tuple[int, ...] | None], dict[int, list[int]]] = {}
+    for rank, (plan, pos, got) in enumerate(zip(plans, positions, crcs)):
+        if len(pos) != len(got):
+            raise ValueError(f"rank {rank} sent {len(got)} replica checksums for {len(pos)} items")
+        for i, crc in zip(pos, got):
+            seen.setdefault(_key(plan.items[i]), {}).setdefault(crc, []).append(rank)
+    bad: dict[str, list[list[int]]] = {}
+    for (fqn, offset), by_crc in seen.items():
+        if len(by_crc) > 1:
+            name = fqn if offset is None or not any(offset) else f"{fqn}@{list(offset)}"
+            bad[name] = sorted(by_crc.values())
+    return Divergence(bad) if bad else None
