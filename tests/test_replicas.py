@@ -7,12 +7,17 @@ import warnings
 
 import pytest
 import torch
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 import shardckpt
 from shardckpt._replicas import divergence, replicated_positions
 from shardckpt.errors import CheckpointWriteError, ShardckptError
+from tests.figures import record
 from tests.multiproc import run_multiprocess
 
 
@@ -107,6 +112,8 @@ def _worker(rank: int, world: int, root: str) -> None:
 
 def test_diverged_replicas_raise_warn_or_pass_at_two_ranks(tmp_path):
     run_multiprocess(_worker, 2, str(tmp_path))
+    record("replica divergence", case="tensor, value, async_save", ranks=2, diverged_saves=3,
+           detected=3, committed=0)
 
 
 def _dtensor_worker(rank: int, world: int, root: str) -> None:
@@ -129,6 +136,8 @@ def _dtensor_worker(rank: int, world: int, root: str) -> None:
 
 def test_replicate_dtensor_copies_are_compared_shards_are_not(tmp_path):
     run_multiprocess(_dtensor_worker, 2, str(tmp_path))
+    record("replica divergence", case="Replicate() DTensor", ranks=2, diverged_saves=1, detected=1,
+           committed=0)
 
 
 def _manager_worker(rank: int, world: int, root: str) -> None:
@@ -144,3 +153,5 @@ def _manager_worker(rank: int, world: int, root: str) -> None:
 
 def test_manager_does_not_commit_diverged_replicas(tmp_path):
     run_multiprocess(_manager_worker, 2, str(tmp_path))
+    record("replica divergence", case="CheckpointManager.save", ranks=2, diverged_saves=1, detected=1,
+           committed=0)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Cost of the replica divergence check (``check_replicas``), same run.
+
+    python benchmarks/bench_replicas.py [--gib 1] [--repeats 5] [--dir /tmp/x]
+
+Two gloo ranks (one torchrun launch of this file), two states of ``--gib`` GiB of
+fp32 in 16 tensors:
+
+* ``sharded``: bench_core's shape (``Shard(0)`` DTensors, each rank its own
+  half): nothing is replicated, so the check costs one small collective.
+* ``ddp``: plain tensors, identical on both ranks (a DDP model): every byte is
+  replicated, so each rank checksums the whole state while it writes half.
+
+For each state, ``shardckpt.save`` with ``check_replicas="error"`` (the default)
+and ``"off"``, interleaved (A B A B ...), a fresh directory per run, after one
+untimed warm-up of each; for ``ddp`` also the ``async_save`` stall (the call's
+return; the check runs inside it). Reported: medians and the check's cost as a
+fraction of the ``"off"`` time, against the goal (<= 2 % of save time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+TENSORS = 16
+GOAL = 0.02
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import shardckpt
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    numel = int(args.gib * (1 << 30)) // 4 // TENSORS
+    gen = torch.Generator().manual_seed(7)
+    ddp = {f"layer{i}.weight": torch.randn(numel, generator=gen) for i in range(TENSORS)}
+    local = numel // world
+    sharded = {
+        k: DTensor.from_local(v[rank * local:(rank + 1) * local].clone(), mesh, [Shard(0)], run_check=False)
+        for k, v in ddp.items()
+    }
+    out: dict[str, Any] = {}
+
+    def timed(fn: Any) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    cases = [("sharded", "save", sharded), ("ddp", "save", ddp), ("ddp", "async stall", ddp)]
+    for state_name, op, sd in cases:
+        times: dict[str, list[float]] = {"error": [], "off": []}
+        for run in range(args.repeats + 1):
+            for mode in ("error", "off"):
+                path = os.path.join(args.dir, f"{state_name}-{op.split()[0]}-{mode}")
+                if rank == 0:
+                    shutil.rmtree(path, ignore_errors=True)
+                    os.sync()
+                if op == "save":
+                    t = timed(lambda: shardckpt.save(sd, path, check_replicas=mode))  # noqa: B023
+                else:
+                    handles: list[Any] = []
+                    t = timed(lambda: handles.append(  # noqa: B023
+                        shardckpt.async_save(sd, path, check_replicas=mode)))  # noqa: B023
+                    handles[0].result()
+                    dist.barrier()
+                if run > 0:  # run 0 is the warm-up
+                    times[mode].append(t)
+        out[f"{state_name} {op}"] = times
+    shardckpt.close()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dir", help="scratch directory (default: a fresh temp dir)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    root = args.dir or tempfile.mkdtemp(prefix="bench_replicas_")
+    out = os.path.join(root, "result.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           __file__, "--worker", "--gib", str(args.gib), "--repeats", str(args.repeats),
+           "--dir", root, "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd, check=True, env=env)
+    with open(out) as f:
+        res = json.load(f)
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\ncheck_replicas cost, 2 ranks, {args.gib:g} GiB fp32, median of {args.repeats} (interleaved)")
+    print(f"{'case':22s} {'error (s)':>10s} {'off (s)':>10s} {'cost':>8s}  goal <= {GOAL:.0%}")
+    for case, times in res.items():
+        on, off = statistics.median(times["error"]), statistics.median(times["off"])
+        cost = on / off - 1
+        print(f"{case:22s} {on:10.3f} {off:10.3f} {cost:+8.1%}  {'met' if cost <= GOAL else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
