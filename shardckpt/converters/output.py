@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
-from ..format.objects import encode_object
+from ..format.objects import encode_object, raw_bytesio
 from ..storage import Storage
 from .items import Dropped, Source
 from .plan import Planned, PlannedObject
@@ -126,7 +126,10 @@ def checked_pieces(source: Source, order: Sequence[Planned], max_bytes: int,
 def encode_value(key: str, value: Any) -> tuple[str, bytes, Any]:
     """``(encoding, payload, value)`` as a shardckpt save would store ``value``:
     ``"json"`` (payload is its JSON text), ``"bytes"`` or ``"torch"`` (weights-only
-    loadable). ``CheckpointWriteError`` for a value that would need pickled code."""
+    loadable), ``"bytesio"`` (an ``io.BytesIO``'s bytes). ``CheckpointWriteError``
+    for a value that would need pickled code."""
+    if type(value) is io.BytesIO:
+        return encode_object(key, raw_bytesio(value))
     buf = io.BytesIO()
     try:
         torch.save(value, buf)

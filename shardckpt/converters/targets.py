@@ -193,7 +193,10 @@ def write_torch(storage: Storage, rel: str, plan: Plan, source: Source, max_byte
     paths: dict[str, tuple[str | int, ...]] = {}
     for p, t in _materialize(source, plan.tensors, max_bytes, progress):
         flat[p.key], paths[p.key] = t, p.key_path
-    for o, (_, _, value) in encoded_objects(source, plan.objects, done):
+    for o, (enc, _, value) in encoded_objects(source, plan.objects, done):
+        if enc == "bytesio":  # torch.save would pickle the class: not weights-only loadable
+            done.dropped.append(Dropped(o.item.key, "an io.BytesIO value has no weights-only torch.save form"))
+            continue
         flat[o.key], paths[o.key] = value, o.key_path
     nested = unflatten_state_dict(flat, paths)  # type: ignore[arg-type]
     out = OutFile(storage, rel)

@@ -9,7 +9,8 @@ Call order (DCP drives it; ``[all]`` = every rank, ``[coord]`` = coordinator onl
 4. [all]   ``prepare_local_plan`` / [coord] ``prepare_global_plan``: unchanged.
 5. [all]   ``read_data(plan, planner)``: for each requested slice, reads only the
    chunks covering it, checks each chunk's CRC32C, then copies into the tensor
-   the planner resolves. Objects are decoded without code execution.
+   the planner resolves. Objects are decoded without code execution; a stored
+   ``io.BytesIO`` is written into the state_dict's BytesIO at that key.
 """
 
 from __future__ import annotations
@@ -126,14 +127,11 @@ class ShardckptReader(StorageReader):
         self._fresh = manifest is not None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        # Every load re-reads the manifest: the checkpoint at this path may have
-        # been overwritten since the last one.
+        # (read_metadata re-reads the manifest; DCP calls reset() only with an id.)
         if checkpoint_id is not None and os.fspath(checkpoint_id) != self.path:
             self.path = os.fspath(checkpoint_id)
             self._storage = None
-        if not self._fresh:
-            self._manifest = None
-        self._fresh = False
+            self._manifest, self._fresh = None, False
 
     @property
     def storage(self) -> Storage:
@@ -148,6 +146,12 @@ class ShardckptReader(StorageReader):
         return self._manifest
 
     def read_metadata(self) -> Metadata:
+        # Each load re-reads (and re-validates) the manifest, whether or not DCP
+        # called reset() first and whether or not the last load got as far as
+        # read_data: the checkpoint at this path may have been overwritten since.
+        if not self._fresh:
+            self._manifest = None
+        self._fresh = False
         return manifest_to_metadata(self.manifest)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -301,6 +305,9 @@ def _load_object(files: _Files, item: ReadItem, entry: ObjectEntry, planner: Loa
             raise CorruptCheckpointError(
                 f"key {key!r}: stored {entry.encoding} value does not decode safely ({type(e).__name__}: {why}); "
                 "refusing to load it", key=key) from None
+    in_place = isinstance(value, io.BytesIO) and _into_target_bytesio(planner, item, value)
+    if in_place:
+        return  # the state_dict's own BytesIO holds the value: nothing for a planner to unpickle
     setter = getattr(planner, "load_object", None)
     if setter is not None:
         setter(item, value)
@@ -311,3 +318,17 @@ def _load_object(files: _Files, item: ReadItem, entry: ObjectEntry, planner: Loa
         torch.save(value, out)
         out.seek(0)
         planner.load_bytes(item, out)
+
+
+def _into_target_bytesio(planner: LoadPlanner, item: ReadItem, value: io.BytesIO) -> bool:
+    """Write a stored BytesIO into the state_dict's own BytesIO at that key, when it
+    holds one (contents and position replaced), so references to it see the load."""
+    flat = getattr(planner, "state_dict", None)
+    target = flat.get(item.dest_index.fqn) if isinstance(flat, dict) else None
+    if not isinstance(target, io.BytesIO):
+        return False
+    target.seek(0)
+    target.truncate()
+    target.write(value.getbuffer())
+    target.seek(value.tell())
+    return True

@@ -47,8 +47,9 @@ MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 #: Chunk codecs this version can decode.
 CODECS = frozenset(_codec.CODECS)
-ObjectEncoding = Literal["json", "bytes", "torch"]
-_ENCODINGS = ("json", "bytes", "torch")
+ObjectEncoding = Literal["json", "bytes", "bytesio", "torch"]
+_ENCODINGS = ("json", "bytes", "bytesio", "torch")
+_BYTESIO_HEADER = 8  # a bytesio payload starts with its u64 stream position (format/objects.py)
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,10 @@ def _object_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chu
         raise _Bad(f"{where}: unknown object encoding {enc!r}")
     kp = _key_path(d.get("key_path"), where)
     if "file" in d:
-        return ObjectEntry(enc, kp, blob=_blob(d, files, where, max_chunk, raw_only=True))  # type: ignore[arg-type]
+        blob = _blob(d, files, where, max_chunk, raw_only=True)
+        if enc == "bytesio" and blob.raw_len < _BYTESIO_HEADER:
+            raise _Bad(f"{where}: a bytesio blob of {blob.raw_len} bytes has no {_BYTESIO_HEADER}-byte header")
+        return ObjectEntry(enc, kp, blob=blob)  # type: ignore[arg-type]
     if enc != "json" or "value" not in d:
         raise _Bad(f"{where}: inline objects must be JSON with a 'value'")
     return ObjectEntry("json", kp, value=d["value"])

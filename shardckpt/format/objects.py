@@ -1,11 +1,19 @@
 """How non-tensor values are stored: JSON when it is exact, raw bytes for bytes,
-else torch's weights-only format. Every choice loads without running code."""
+an ``io.BytesIO``'s own bytes for a BytesIO, else torch's weights-only format.
+Every choice loads without running code.
+
+``bytesio`` payload layout (little-endian)::
+
+    offset 0   u64   the stream position (``tell()``) at save time
+    offset 8   ...   the buffer's bytes (``getvalue()``), raw
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +21,24 @@ import torch
 
 from ..errors import CheckpointWriteError
 
-__all__ = ["resolve_object", "encode_object", "decode_object", "weights_only_reason", "INLINE_LIMIT"]
+__all__ = [
+    "resolve_object", "encode_object", "decode_object", "weights_only_reason", "raw_bytesio", "INLINE_LIMIT",
+]
 
 #: JSON values up to this size live inline in the manifest; larger ones in a shard.
 INLINE_LIMIT = 16 << 10
+#: Header of a ``bytesio`` payload: the stream position.
+_BYTESIO_POS = struct.Struct("<Q")
+
+
+class _RawBytesIO(io.BytesIO):
+    """A BytesIO value's stored payload (position header + its bytes), taken at
+    resolve time: a snapshot, so the caller may keep writing to its buffer."""
+
+
+def raw_bytesio(value: io.BytesIO) -> io.BytesIO:
+    """The ``bytesio`` payload of ``value``, in a form ``encode_object`` recognises."""
+    return _RawBytesIO(_BYTESIO_POS.pack(value.tell()) + value.getvalue())
 
 
 def _plain_json(v: Any) -> bool:
@@ -34,8 +56,16 @@ def _plain_json(v: Any) -> bool:
 
 def resolve_object(resolve: Callable[[Any], Any], item: Any) -> io.BytesIO:
     """DCP's ``resolve_data`` for a non-tensor item (it ``torch.save``s the value),
-    with a failure naming the key: a lambda or a lock fails right here."""
+    with a failure naming the key: a lambda or a lock fails right here.
+
+    An ``io.BytesIO`` value (DCP pickles it) is taken raw instead, when ``resolve``
+    is a planner's ``resolve_data`` whose ``lookup_object`` finds it."""
+    lookup = getattr(getattr(resolve, "__self__", None), "lookup_object", None)
     try:
+        if lookup is not None:
+            value = lookup(item.index)
+            if type(value) is io.BytesIO:
+                return raw_bytesio(value)
         return resolve(item)
     except Exception as e:  # noqa: BLE001 - reported with the key at fault
         key = item.index.fqn
@@ -49,7 +79,11 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
 
     The value is reloaded with ``weights_only=True`` here, at save time, so a value
     that could only be restored by running pickled code fails now, not at resume.
+    A ``raw_bytesio`` payload is stored as it is, encoding ``"bytesio"``.
     """
+    if isinstance(pickled, _RawBytesIO):
+        payload = pickled.getvalue()
+        return "bytesio", payload, decode_object("bytesio", payload)
     raw = pickled.getvalue()
     try:
         value = torch.load(io.BytesIO(raw), weights_only=True)
@@ -57,7 +91,8 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
         raise CheckpointWriteError(
             f"value at key {key!r} cannot be saved safely: loading it would need to run pickled "
             f"code ({weights_only_reason(e)}). Store tensors, "
-            "JSON-like values (int/float/str/bool/None and lists/dicts of them), bytes, or convert it.",
+            "JSON-like values (int/float/str/bool/None and lists/dicts of them), bytes, io.BytesIO, "
+            "or convert it.",
             key=key,
         ) from None
     if isinstance(value, (bytes, bytearray)):
@@ -78,6 +113,15 @@ def weights_only_reason(e: Exception) -> str:
 
 def decode_object(encoding: str, payload: bytes) -> Any:
     """Inverse of ``encode_object``; never unpickles with code execution."""
+    if encoding == "bytesio":
+        if len(payload) < _BYTESIO_POS.size:
+            raise ValueError(f"bytesio payload of {len(payload)} bytes has no {_BYTESIO_POS.size}-byte header")
+        (pos,) = _BYTESIO_POS.unpack_from(payload)
+        if pos > 1 << 62:
+            raise ValueError(f"bytesio position {pos} is out of range")
+        out = io.BytesIO(payload[_BYTESIO_POS.size:])
+        out.seek(pos)
+        return out
     if encoding == "bytes":
         return payload
     if encoding == "json":
