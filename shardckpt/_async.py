@@ -21,9 +21,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
 from typing import Any, Literal
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import WriteItemType
 
@@ -90,8 +90,10 @@ class AsyncCheckpointer:
         if self._bg is None and dist.is_available() and dist.is_initialized():
             ranks = dist.get_process_group_ranks(self._pg) if self._pg is not None else None
             # Collective over the default group: every rank reaches its first save here.
-            self._bg = dist.new_group(ranks=ranks, backend="gloo")
-            self._ctl = dist.new_group(ranks=ranks, backend="gloo")
+            # Bounded like every shardckpt collective (knobs.collective_timeout_s).
+            timeout = timedelta(seconds=knobs.get().collective_timeout_s)
+            self._bg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+            self._ctl = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
         return Group(self._bg), Group(self._ctl)
 
     def _mark_reported(self, fut: Future[None]) -> None:
@@ -201,11 +203,7 @@ class AsyncCheckpointer:
     def _any_rank_busy(self, ctl: Group) -> bool:
         fut = self._future
         mine = fut is not None and not fut.done()
-        if not ctl.distributed:
-            return mine
-        flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctl.group)
-        return bool(flag.item())
+        return bool(ctl.max_over_ranks("checking for a save in flight", int(mine), CheckpointWriteError))
 
     # -- lifecycle
 

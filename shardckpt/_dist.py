@@ -11,22 +11,35 @@ Collectives that check success carry status, not results: a step whose
 result every rank already has (its own manifest, its own plan) must not send
 it to every other rank, which costs O(world² × entries) in bytes and
 unpickling at scale.
+
+Lost peers: every collective runs under ``guard``. A peer that died makes gloo
+raise (connection reset); one that is alive but stuck (SIGSTOP, a hung
+filesystem) is noticed after ``knobs.collective_timeout_s``: on a gloo group the
+timeout in force is lowered to that bound for the duration of the call (and put
+back after), so groups shardckpt did not create (the default group, the user's)
+are bounded too. Either way the call raises the step's typed error saying it
+lost contact, on every surviving rank, and nothing is committed: the
+coordinator commits only after gathering every rank's success.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
+from . import knobs
 from .errors import ShardckptError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["Group", "raise_gathered"]
+__all__ = ["Group", "raise_gathered", "collective_deadline"]
 
 
 class _Failed:
@@ -52,6 +65,36 @@ def _attempt(fn: Callable[[], T]) -> T | _Failed:
         return _Failed(e)
 
 
+def _gloo_backend(group: dist.ProcessGroup | None) -> Any:
+    """The gloo backend of ``group`` (None: the default group), or None if it has none."""
+    try:
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        backend = pg._get_backend(torch.device("cpu"))
+    except Exception:  # noqa: BLE001 - no gloo backend: nothing to bound
+        return None
+    return backend if isinstance(backend, dist.ProcessGroupGloo) else None
+
+
+@contextmanager
+def collective_deadline(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Bound every collective on ``group`` (gloo) by ``knobs.collective_timeout_s``
+    while the block runs; a shorter timeout already in force is kept. Only the
+    thread issuing the group's collectives may use it (shardckpt's background
+    saves have groups of their own)."""
+    backend = _gloo_backend(group)
+    limit = timedelta(seconds=knobs.get().collective_timeout_s)
+    # torch's own knob (``_set_pg_timeout`` does the same); absent: leave the group as it is
+    previous = getattr(getattr(backend, "options", None), "_timeout", None)
+    if not isinstance(previous, timedelta) or previous <= limit or not hasattr(backend, "_set_default_timeout"):
+        yield
+        return
+    backend._set_default_timeout(limit)
+    try:
+        yield
+    finally:
+        backend._set_default_timeout(previous)
+
+
 class Group:
     """The process group a call runs over, or a single process."""
 
@@ -65,6 +108,38 @@ class Group:
     @property
     def distributed(self) -> bool:
         return self.enabled and self.world_size > 1
+
+    @contextmanager
+    def guard(self, step: str, default_error: type[ShardckptError], lost_contact: bool = True) -> Iterator[None]:
+        """Run collectives of ``step`` within ``collective_timeout_s``; a failure of the
+        collective itself (a peer died, or did not answer in time: torch raises a
+        ``RuntimeError``) becomes ``default_error``. ``lost_contact=False`` for a block
+        that runs more than collectives (e.g. DCP's load): its message then only
+        quotes torch's error."""
+        if not self.distributed:
+            yield
+            return
+        with collective_deadline(self.group):
+            try:
+                yield
+            except ShardckptError:
+                raise
+            except RuntimeError as e:
+                limit = knobs.get().collective_timeout_s
+                why = (f"lost contact with rank(s) of the process group (a peer died, or did not "
+                       f"answer within collective_timeout_s={limit}s)" if lost_contact else
+                       f"torch.distributed raised (as it does on losing contact with a peer, or "
+                       f"after collective_timeout_s={limit}s without an answer)")
+                raise default_error(f"{step} failed on rank {self.rank}: {why}: {type(e).__name__}: {e}") from e
+
+    def max_over_ranks(self, step: str, value: int, default_error: type[ShardckptError]) -> int:
+        """The largest of every rank's ``value`` (an int64), on every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        with self.guard(step, default_error):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
 
     def _coord(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
@@ -94,7 +169,8 @@ class Group:
         outcomes: list[Any] = [mine]
         if self.distributed:
             outcomes = [None] * self.world_size
-            dist.all_gather_object(outcomes, mine, group=self.group)
+            with self.guard(step, default_error):
+                dist.all_gather_object(outcomes, mine, group=self.group)
         self._raise_if_failed(step, outcomes, mine, default_error)
         return outcomes
 
@@ -113,12 +189,13 @@ class Group:
             self._raise_if_failed(step, [out], out, default_error)
             return out[0]  # type: ignore[index]
         gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
-        scatter: list[Any] | None = None
-        if gathered is not None:  # coordinator
-            scatter = self._coordinate(gathered, global_fn)
         box: list[Any] = [None]
-        dist.scatter_object_list(box, scatter, src=self._coord(), group=self.group)
+        with self.guard(step, default_error):
+            dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
+            scatter: list[Any] | None = None
+            if gathered is not None:  # coordinator
+                scatter = self._coordinate(gathered, global_fn)
+            dist.scatter_object_list(box, scatter, src=self._coord(), group=self.group)
         return self._unpack(step, box[0], mine, default_error)
 
     def gather_broadcast(
@@ -134,11 +211,12 @@ class Group:
             return self.gather_scatter(step, local_fn, lambda vals: [global_fn(vals)], default_error)
         mine = _attempt(local_fn)
         gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
         box: list[Any] = [None]
-        if gathered is not None:
-            box[0] = self._coordinate(gathered, lambda vals: [global_fn(vals)])[0]
-        dist.broadcast_object_list(box, src=self._coord(), group=self.group)
+        with self.guard(step, default_error):
+            dist.gather_object(mine, gathered, dst=self._coord(), group=self.group)
+            if gathered is not None:
+                box[0] = self._coordinate(gathered, lambda vals: [global_fn(vals)])[0]
+            dist.broadcast_object_list(box, src=self._coord(), group=self.group)
         return self._unpack(step, box[0], mine, default_error)
 
     def _coordinate(self, gathered: list[Any], fn: Callable[[list[Any]], list[Any]]) -> list[Any]:
@@ -157,9 +235,10 @@ class Group:
             raise_gathered(step, value, default, local=mine.exc if isinstance(mine, _Failed) else None)
         return value
 
-    def barrier(self) -> None:
+    def barrier(self, step: str = "barrier", default_error: type[ShardckptError] = ShardckptError) -> None:
         if self.distributed:
-            dist.barrier(group=self.group)
+            with self.guard(step, default_error):
+                dist.barrier(group=self.group)
 
 
 def raise_gathered(

@@ -63,6 +63,11 @@ class Knobs:
     retry_base_ms: int = 100
     #: Remote backends: give up retrying one request after this many seconds in total.
     retry_max_seconds: int = 120
+    #: Multi-rank: longest any collective of shardckpt waits for a peer, in seconds
+    #: (gloo groups). A rank that died or is stuck then surfaces as the step's typed
+    #: error on the others, instead of torch's 30-minute default. It must exceed the
+    #: longest time one rank can spend writing or reading its share beyond the others.
+    collective_timeout_s: int = 600
 
     @staticmethod
     def from_env() -> Knobs:
@@ -80,6 +85,7 @@ class Knobs:
             retry_attempts=_env_int("SHARDCKPT_RETRY_ATTEMPTS", d.retry_attempts),
             retry_base_ms=_env_int("SHARDCKPT_RETRY_BASE_MS", d.retry_base_ms, allow_zero=True),
             retry_max_seconds=_env_int("SHARDCKPT_RETRY_MAX_SECONDS", d.retry_max_seconds),
+            collective_timeout_s=_env_int("SHARDCKPT_COLLECTIVE_TIMEOUT_S", d.collective_timeout_s),
         )
 
 

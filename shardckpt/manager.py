@@ -52,16 +52,18 @@ import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
 
+from . import knobs
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._dist import Group
 from ._preempt import PreemptionFlag, exit_code_for
 from .api import load, save
 from .errors import (
+    CheckpointReadError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     ShardckptError,
@@ -329,7 +331,9 @@ class CheckpointManager:
                                   lambda found: next((f for f in found if f is not None), None), ShardckptError)
 
     def _load(self, state: Any, path: str, step: int | None) -> int | None:
-        load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
+        # DCP's collectives run on the training group: bound them, and type a lost peer.
+        with Group(self._pg).guard(f"load from {path}", CheckpointReadError, lost_contact=False):
+            load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
         if step is not None and hasattr(state, "step"):
             state.step = step
         self._info("restored step %s from %s", step, path)
@@ -390,18 +394,14 @@ class CheckpointManager:
         if self._preempt is None:
             return 0
         mine = self._preempt.received or 0
-        if not self._ctl.distributed:
-            return mine
-        t = torch.tensor([mine], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctl.group)
-        return int(t.item())
+        return self._ctl.max_over_ranks("agreeing on a preemption", mine, ShardckptError)
 
     def _exit_preempted(self, signum: int, step: int) -> None:
         code = self._exit_code if self._exit_code is not None else exit_code_for(signum)
         self.close()
         # Nobody exits before rank 0 finished retention and released the marker:
         # the first exit makes the launcher SIGTERM (then SIGKILL) the others.
-        self._ctl.barrier()
+        self._ctl.barrier("waiting for every rank before the preemption exit")
         self._info("preemption (%s): saved step %d, exiting with code %d for a restart",
                    signal.Signals(signum).name, step, code)
         sys.exit(code)
@@ -475,7 +475,8 @@ def _control_group(pg: dist.ProcessGroup | None) -> Group:
     # Decisions are tiny CPU tensors/objects: a gloo group works whatever the
     # training backend. Collective over the default group, like the constructor.
     ranks = dist.get_process_group_ranks(pg) if pg is not None else None
-    return Group(dist.new_group(ranks=ranks, backend="gloo"))
+    timeout = timedelta(seconds=knobs.get().collective_timeout_s)
+    return Group(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout))
 
 
 def _check_step(step: Any) -> int:
