@@ -160,7 +160,9 @@ def load(
                          CheckpointReadError)
     reader = ShardckptReader(path, manifest=manifest, storage_options=opts)
     try:
-        with _dcp_quiet(group):
+        # dcp.load's collectives are bounded and typed like ours (a lost peer).
+        with group.guard(f"load from {os.fspath(path)}", CheckpointReadError, lost_contact=False), \
+                _dcp_quiet(group):
             dcp.load(
                 state_dict,
                 storage_reader=reader,

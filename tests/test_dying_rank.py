@@ -157,10 +157,6 @@ def test_three_ranks_both_survivors_raise(tmp_path):
            seconds=round(max(o["seconds"] for o in outcomes.values()), 2))
 
 
-@pytest.mark.xfail(strict=True, reason="defect: shardckpt/api.py load() runs dcp.load outside any guard: a "
-                   "peer lost during DCP's collectives escapes as gloo's untyped RuntimeError (and a stuck "
-                   "peer waits the group's 30-minute timeout); wrap the dcp.load call in "
-                   "`with group.guard(f'load from {path}', CheckpointReadError, lost_contact=False):`")
 def test_bare_load_survivor_raises_typed_error(tmp_path):
     outcomes = run_scenario(tmp_path, "bare_load", "SIGKILL", victim=1)
     assert all(o["typed"] for o in outcomes.values()), outcomes

@@ -37,6 +37,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._dist import Group
+from ..errors import ShardckptError
+
 try:  # numpy is optional: its state is captured only when it is importable
     import numpy as np
 except ImportError:  # pragma: no cover - numpy ships with every torch wheel we test
@@ -128,14 +131,10 @@ def set_rng_state(state: RngState) -> None:
 def gather_rng_states(group: dist.ProcessGroup | None = None) -> tuple[RngState, ...]:
     """Every rank's ``get_rng_state()``, indexed by rank, identical on every rank.
 
-    Collective under torch.distributed (``all_gather_object``); a 1-tuple without it.
+    Collective under torch.distributed (bounded and typed, as every shardckpt
+    collective); a 1-tuple without it.
     """
-    mine = get_rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return (mine,)
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, mine, group=group)
-    return tuple(out)
+    return tuple(Group(group).all_gather("gathering RNG states", get_rng_state, ShardckptError))
 
 
 def derived_seed(rank0_state: RngState, rank: int) -> int:
