@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -121,6 +122,9 @@ class CheckpointDir:
                 size: int | None = self.storage.size(rel)
             except FileNotFoundError:
                 size = None
+            except OSError as e:  # not "missing": a read failure, raised as one
+                raise CheckpointReadError(f"cannot stat {self.url}/{rel}: {type(e).__name__}: {e}",
+                                          path=self.url, file=rel) from e
             if size != expected:
                 wrong[rel] = f"{'missing' if size is None else f'{size} bytes'}, manifest records {expected}"
         return wrong
@@ -139,8 +143,14 @@ class CheckpointDir:
         commit_strategy(self.storage).publish(self.storage, MANIFEST_NAME, encode_manifest(manifest))
 
     def remove_unreferenced(self, files: Mapping[str, int]) -> None:
-        """[coord] After a commit: delete data no manifest refers to (superseded shards, probes)."""
-        for name in self.storage.listdir(DATA_DIR):
+        """[coord] After a commit: delete data no manifest refers to (superseded shards, probes).
+        Never raises: the checkpoint is committed, a save reporting failure now would lie."""
+        try:
+            names = self.storage.listdir(DATA_DIR)
+        except OSError as e:
+            log.warning("could not list %s/%s to remove superseded shards: %s", self.url, DATA_DIR, e)
+            return
+        for name in names:
             rel = f"{DATA_DIR}/{name}"
             if rel not in files:
                 try:
@@ -154,12 +164,16 @@ class CheckpointDir:
         return self.storage.exists(MANIFEST_NAME)
 
     def read_manifest(self) -> Manifest:
-        """The committed manifest, validated; typed errors for missing, incomplete or damaged."""
+        """The committed manifest, validated; typed errors for missing, incomplete or damaged
+        (``CheckpointReadError`` when the storage fails to read it)."""
         s = self.storage
         try:
             data: bytes | None = s.read_bytes(MANIFEST_NAME)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             data = None
+        except OSError as e:  # EIO, EACCES...: not "absent", and typed like every read failure
+            raise CheckpointReadError(f"cannot read {s.url}/{MANIFEST_NAME}: {type(e).__name__}: {e}",
+                                      path=s.url) from e
         if data is None:
             if not s.exists():
                 raise CheckpointNotFoundError(f"no checkpoint at {s.url}", path=s.url)

@@ -13,6 +13,11 @@ Two strategies because POSIX has no "PUT" and object stores have no rename:
 ``commit_strategy`` picks one from a backend's declared capabilities; each
 strategy's ``validate`` raises ``CheckpointWriteError`` for a backend that lacks
 what it relies on, so a misdeclared third-party backend fails before writing.
+
+Both check the stored manifest's size before it counts as committed (a backend
+that silently stored a prefix is caught), and a failure after the manifest
+became visible (the directory fsync) un-commits it again: a save that reports
+failure leaves nothing committed.
 """
 
 from __future__ import annotations
@@ -49,8 +54,16 @@ class RenameCommit:
         self.validate(storage)
         tmp = rel + ".tmp"
         storage.put(tmp, data)  # fsynced where the backend is durable
+        check_stored_size(storage, tmp, len(data))  # a truncated manifest must never be renamed in
         storage.rename(tmp, rel)
-        storage.sync_dir(posixpath.dirname(rel))
+        try:
+            storage.sync_dir(posixpath.dirname(rel))
+        except BaseException:
+            # The save is about to report failure: the manifest must not stay visible
+            # (an overwrite's previous manifest is already replaced: the step becomes
+            # incomplete, never torn).
+            uncommit(storage, rel)
+            raise
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,31 @@ class ManifestLastPut:
     def publish(self, storage: Storage, rel: str, data: bytes) -> None:
         self.validate(storage)
         storage.put(rel, data)
+        try:
+            check_stored_size(storage, rel, len(data))
+        except BaseException:
+            uncommit(storage, rel)
+            raise
+
+
+def check_stored_size(storage: Storage, rel: str, expected: int) -> None:
+    """Raise ``CheckpointWriteError`` unless ``rel`` holds ``expected`` bytes: a backend
+    that silently stored a prefix of the manifest must not get it committed."""
+    size = storage.size(rel)
+    if size != expected:
+        raise CheckpointWriteError(
+            f"{storage.url}/{rel}: the backend stored {size} of the manifest's {expected} bytes; not committing",
+            path=storage.url)
+
+
+def uncommit(storage: Storage, rel: str) -> None:
+    """Best effort: remove a just-published manifest after a failure (then the
+    checkpoint lists as incomplete). Never raises: the original error is reported."""
+    try:
+        storage.remove(rel)
+        storage.sync_dir(posixpath.dirname(rel))
+    except Exception:  # noqa: BLE001 - the caller re-raises the first error
+        pass
 
 
 def commit_strategy(storage: Storage) -> CommitStrategy:

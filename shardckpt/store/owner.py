@@ -29,10 +29,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
-from ..errors import CheckpointExistsError
+from ..errors import CheckpointExistsError, CheckpointWriteError
 from ..storage import Storage
 
 __all__ = ["OwnerMarker", "OWNER_MARKER"]
@@ -50,7 +51,12 @@ class OwnerMarker:
         self.token = os.urandom(16).hex()
 
     def acquire(self) -> None:
-        """Create the marker, or raise ``CheckpointExistsError`` if a live owner holds it."""
+        """Create the marker, or raise ``CheckpointExistsError`` if a live owner holds it
+        (``CheckpointWriteError`` if the storage fails)."""
+        with _typed_io(f"taking ownership of {self._storage.url}"):
+            self._acquire()
+
+    def _acquire(self) -> None:
         self._storage.makedirs("")
         mine = json.dumps({
             "hostname": socket.gethostname(), "pid": os.getpid(), "created_unix": time.time(),
@@ -80,8 +86,11 @@ class OwnerMarker:
         raise CheckpointExistsError(f"could not take ownership of {url}: its owner marker keeps changing", path=url)
 
     def check(self) -> None:
-        """Raise ``CheckpointExistsError`` unless the marker still holds our token."""
-        if self._read_token() != self.token:
+        """Raise ``CheckpointExistsError`` unless the marker still holds our token
+        (``CheckpointWriteError`` if it cannot be read)."""
+        with _typed_io(f"checking the owner marker of {self._storage.url}"):
+            token = self._read_token()
+        if token != self.token:
             raise CheckpointExistsError(
                 f"this manager no longer owns {self._storage.url} (its {OWNER_MARKER} was removed or "
                 "taken over); not saving", path=self._storage.url)
@@ -122,6 +131,17 @@ class OwnerMarker:
             return None
         token = owner.get("token") if isinstance(owner, dict) else None
         return token if isinstance(token, str) else None
+
+
+@contextmanager
+def _typed_io(what: str) -> Iterator[None]:
+    # Storage failures of the marker are save failures, typed like the others.
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, CheckpointExistsError):
+            raise
+        raise CheckpointWriteError(f"{what} failed: {type(e).__name__}: {e}") from e
 
 
 def _pid_alive(pid: int) -> bool:

@@ -12,7 +12,12 @@ import logging
 import re
 from collections.abc import Collection, Container, Sequence
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from ..errors import (
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+)
 from ..retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 from ..storage import Storage
 from .checkpoint import CheckpointDir
@@ -112,6 +117,8 @@ class CheckpointRoot:
                  and c.valid else c for c in infos]
         deleted = []
         for c in steps_to_delete(infos, policies, in_flight):
+            if not c.valid and c.step not in known_bad and not self._still_unusable(c.step):
+                continue
             try:
                 self.delete(c.step)
                 deleted.append(c)
@@ -119,3 +126,16 @@ class CheckpointRoot:
             except OSError as e:
                 log.warning("retention: could not remove %s: %s", c.path, e)
         return deleted
+
+    def _still_unusable(self, step: int) -> bool:
+        """Look again before deleting a checkpoint a scan found unusable: one failed or
+        short read must not cost a good checkpoint (only a second look that agrees does)."""
+        try:
+            again = inspect_dir(self.checkpoint(step), step, deep=False)
+        except (OSError, CheckpointReadError) as e:
+            log.warning("retention: keeping step %d: could not look at it again: %s", step, e)
+            return False
+        if again is not None and again.valid:
+            log.warning("retention: keeping step %d: it scanned as unusable but is valid on a second look", step)
+            return False
+        return True
