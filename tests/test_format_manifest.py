@@ -44,7 +44,7 @@ def _tamper(fn):
 
     body = {k: v for k, v in doc.items() if k != "crc32c"}
     doc["crc32c"] = f"{crc32c(_canonical(body)):08x}"
-    return json.dumps(doc).encode()
+    return _canonical(doc)
 
 
 def test_crc_detects_any_edit():
@@ -107,3 +107,50 @@ def test_error_names_the_source():
     with pytest.raises(CorruptCheckpointError, match="somewhere/manifest.json") as ei:
         decode_manifest(b"{}", source="somewhere/manifest.json")
     assert ei.value.file == "somewhere/manifest.json"
+
+
+# Regression tests (issue 11, part 3/4): the CRC covered the parsed document only, so
+# edits that parse the same went unnoticed; duplicate keys were resolved silently.
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda b: b.replace(b"\\u00e9", b"\\u00E9"),  # an escape's hex case
+        lambda b: b.replace(b"1e-07", b"1E-07"),  # an exponent's case
+        lambda b: b.replace(b"1.5,", b"1.50,"),  # a redundant digit
+        lambda b: b.replace(b'{"body":', b'{ "body":'),  # whitespace
+    ],
+)
+def test_edits_that_parse_the_same_are_corruption(edit):
+    data = encode_manifest(_manifest(metadata={"note": "caf\u00e9", "lr": 1e-7}))
+    edited = edit(data)
+    assert edited != data and json.loads(edited) == json.loads(data)
+    with pytest.raises(CorruptCheckpointError, match="canonical"):
+        decode_manifest(edited)
+
+
+def test_duplicate_keys_are_corruption():
+    data = encode_manifest(_manifest())
+    edited = data.replace(b'"metadata":{"note":"hi"}', b'"metadata":{"note":"x","note":"hi"}')
+    assert json.loads(edited) == json.loads(data)
+    with pytest.raises(CorruptCheckpointError, match="duplicate key"):
+        decode_manifest(edited)
+
+
+def test_deep_nesting_and_huge_numbers_are_corruption():
+    for nested in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        with pytest.raises(CorruptCheckpointError):
+            decode_manifest(nested)
+    with pytest.raises(CorruptCheckpointError, match="created_unix"):
+        decode_manifest(_tamper(lambda d: d["body"].update(created_unix=10**400)))
+
+
+@pytest.mark.parametrize("path", ["data/" + "a" * 256, "data/" + "/".join(["d" * 200] * 6), "data/" + "\u00e9" * 128])
+def test_paths_too_long_for_any_backend_are_rejected(path):
+    """Regression: a 300-byte name reached os.stat and raised ENAMETOOLONG (an untyped OSError)."""
+    def edit(doc):
+        doc["body"]["files"] = {path: {"size": 26}}
+        doc["body"]["entries"]["w"]["shards"][0]["file"] = path
+        doc["body"]["entries"]["blob"]["file"] = path
+
+    with pytest.raises(CorruptCheckpointError, match="longer than"):
+        decode_manifest(_tamper(edit))

@@ -10,11 +10,11 @@ import torch
 
 from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
-from .codec import CodecError, decode
+from .codec import CodecError, check, decode
 from .layout import chunk_span
 from .manifest import BlobRef, ChunkInfo
 
-__all__ = ["read_chunks", "check_chunk", "check_decodes", "RangeReader"]
+__all__ = ["read_chunks", "check_chunk", "check_decodes", "check_decodes_bounded", "RangeReader"]
 
 
 class RangeReader(Protocol):
@@ -40,6 +40,18 @@ def check_decodes(stored: memoryview, info: ChunkInfo, out: memoryview, file: st
     CRC matches but that does not decode is corrupt too (a bug or a crafted file)."""
     try:
         decode(info.codec, stored, info.raw_len, out)
+    except CodecError as e:
+        raise CorruptCheckpointError(
+            f"{file}: chunk {index} of key {key!r} passed its CRC32C but does not decode: {e}",
+            file=file, key=key, chunk=index,
+        ) from None
+
+
+def check_decodes_bounded(stored: memoryview, info: ChunkInfo, file: str, key: str | None, index: int) -> None:
+    """:func:`check_decodes` without an output buffer: the decoded bytes stream through
+    ~1 MiB, so a chunk claiming a huge ``raw_len`` (a decompression bomb) costs no memory."""
+    try:
+        check(info.codec, stored, info.raw_len)
     except CodecError as e:
         raise CorruptCheckpointError(
             f"{file}: chunk {index} of key {key!r} passed its CRC32C but does not decode: {e}",

@@ -42,7 +42,7 @@ import zstandard
 
 from .. import _bytegroup_shim as _bg
 
-__all__ = ["CODECS", "CodecError", "Compression", "decode", "encode", "resolve"]
+__all__ = ["CODECS", "CodecError", "Compression", "check", "decode", "encode", "resolve"]
 
 #: Codec names this module writes and reads.
 CODECS = ("raw", "zstd", "bgz")
@@ -230,8 +230,8 @@ def encode(
 # --- decode ---
 
 
-def _unzstd(frame: memoryview, expected: int, what: str) -> bytes:
-    """Decompress one zstd frame that must produce exactly ``expected`` bytes."""
+def _frame_checks(frame: memoryview, expected: int, what: str) -> zstandard.FrameParameters:
+    """Validate a zstd frame's header against the ``expected`` decoded size."""
     if expected <= 0:
         raise CodecError(f"{what}: a zstd frame cannot encode an empty chunk")
     try:
@@ -248,6 +248,12 @@ def _unzstd(frame: memoryview, expected: int, what: str) -> bytes:
         raise CodecError(
             f"{what}: zstd frame window {params.window_size} too large for {expected} bytes"
         )
+    return params
+
+
+def _unzstd(frame: memoryview, expected: int, what: str) -> bytes:
+    """Decompress one zstd frame that must produce exactly ``expected`` bytes."""
+    _frame_checks(frame, expected, what)
     try:
         out = _dctx().decompress(frame, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
@@ -270,7 +276,7 @@ def _read_varint(sv: memoryview, pos: int) -> tuple[int, int]:
     raise CodecError("bgz header: truncated or overlong plane length")
 
 
-def _bgz_planes(sv: memoryview, raw_len: int) -> list[Any]:
+def _bgz_planes(sv: memoryview, raw_len: int, unzstd: Any = _unzstd) -> list[Any]:
     if len(sv) < 3:
         raise CodecError(f"bgz chunk of {len(sv)} bytes is shorter than its header")
     version, width, mask = sv[0], sv[1], sv[2]
@@ -302,7 +308,7 @@ def _bgz_planes(sv: memoryview, raw_len: int) -> list[Any]:
     for k, length in enumerate(lengths):
         payload = sv[pos : pos + length]
         pos += length
-        planes.append(_unzstd(payload, m, f"bgz plane {k}") if mask >> k & 1 else payload)
+        planes.append(unzstd(payload, m, f"bgz plane {k}") if mask >> k & 1 else payload)
     return planes
 
 
@@ -341,3 +347,66 @@ def decode(codec: str, stored: Any, raw_len: int, out: Any = None) -> Any:
         _bg.ungroup_planes(planes, dst)
         return out if out is not None else dst
     raise CodecError(f"unknown chunk codec {codec!r}")
+
+
+# --- checking without decoding into memory (verify) ---
+
+_CHECK_PIECE = 1 << 20  # decoded bytes held at once while checking a frame
+_ZSTD_MAX_WINDOW = 1 << 27  # zstd's own default limit; no encoder here needs more
+
+
+def _frame_length(frame: memoryview, has_checksum: bool, what: str) -> int:
+    """Byte length of the zstd frame at the start of ``frame``, from its block headers."""
+    pos = zstandard.frame_header_size(frame)
+    while True:
+        if pos + 3 > len(frame):
+            raise CodecError(f"{what}: zstd frame truncated in a block header")
+        header = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
+        last, kind, size = header & 1, header >> 1 & 3, header >> 3
+        if kind == 3:
+            raise CodecError(f"{what}: zstd block of reserved type")
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            break
+    return pos + (4 if has_checksum else 0)
+
+
+def _check_zstd(frame: memoryview, expected: int, what: str) -> None:
+    """Like :func:`_unzstd` without holding the output: streams it through a small buffer."""
+    params = _frame_checks(frame, expected, what)
+    try:
+        length = _frame_length(frame, params.has_checksum, what)
+        if length != len(frame):
+            raise CodecError(f"{what}: zstd frame is {length} bytes, stored {len(frame)}")
+        buf, total = _scratch(min(expected, _CHECK_PIECE)), 0
+        dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        with dctx.stream_reader(frame, read_size=1 << 16, read_across_frames=False) as r:
+            while total <= expected:
+                n = r.readinto(buf)
+                if not n:
+                    break
+                total += n
+    except zstandard.ZstdError as e:
+        raise CodecError(f"{what}: corrupt zstd frame ({e})") from None
+    if total != expected:
+        raise CodecError(f"{what}: zstd frame decodes to {'more than ' if total > expected else ''}"
+                         f"{total} bytes, expected {expected}")
+
+
+def check(codec: str, stored: Any, raw_len: int) -> None:
+    """Raise :class:`CodecError` unless ``stored`` decodes (as :func:`decode` would) to
+    exactly ``raw_len`` bytes, holding at most ~1 MiB of output and a window the
+    frame header declares (checked against ``raw_len``), never ``raw_len`` bytes:
+    a small chunk claiming a huge size costs no memory to reject."""
+    if not isinstance(raw_len, int) or raw_len < 0:
+        raise ValueError(f"raw_len must be a non-negative int, got {raw_len!r}")
+    sv = _bytes_view(stored)
+    if codec == "raw":
+        if len(sv) != raw_len:
+            raise CodecError(f"raw chunk holds {len(sv)} bytes, expected {raw_len}")
+    elif codec == "zstd":
+        _check_zstd(sv, raw_len, "zstd chunk")
+    elif codec == "bgz":
+        _bgz_planes(sv, raw_len, _check_zstd)
+    else:
+        raise CodecError(f"unknown chunk codec {codec!r}")

@@ -49,6 +49,7 @@ DATA_DIR = "data"
 CODECS = frozenset(_codec.CODECS)
 ObjectEncoding = Literal["json", "bytes", "bytesio", "torch"]
 _ENCODINGS = ("json", "bytes", "bytesio", "torch")
+_MAX_NAME, _MAX_PATH = 255, 1024
 _BYTESIO_HEADER = 8  # a bytesio payload starts with its u64 stream position (format/objects.py)
 
 
@@ -189,6 +190,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name} is not allowed")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicate keys silently; another reader might keep the first.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dupes = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise ValueError(f"duplicate key(s) {dupes[:5]}")
+    return out
+
+
 def _req(d: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(d, dict) or key not in d:
         raise _Bad(f"{where}: missing field {key!r}")
@@ -213,6 +224,13 @@ def _nonneg_int(v: Any, where: str) -> int:
     return v
 
 
+def _finite_float(v: int | float, where: str) -> float:
+    try:
+        return float(v)
+    except OverflowError:
+        raise _Bad(f"{where}: {v} is out of range") from None
+
+
 def _int_list(v: Any, where: str) -> tuple[int, ...]:
     if not isinstance(v, list):
         raise _Bad(f"{where}: expected a list of integers")
@@ -230,6 +248,12 @@ def validate_relpath(path: Any) -> str:
         raise _Bad(f"file path {path!r} escapes or is not normalized within the checkpoint")
     if parts[0] != DATA_DIR or len(parts) < 2:
         raise _Bad(f"file path {path!r} is not under {DATA_DIR}/")
+    # Longer names than any filesystem (255 bytes a name) or object store (1024 a key)
+    # takes would fail in the backend with an untyped OS error.
+    if len(path.encode("utf-8", "surrogatepass")) > _MAX_PATH or any(
+        len(p.encode("utf-8", "surrogatepass")) > _MAX_NAME for p in parts
+    ):
+        raise _Bad(f"file path {path[:80]!r}... is longer than {_MAX_NAME} bytes a name or {_MAX_PATH} in all")
     return path
 
 
@@ -316,9 +340,11 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate a manifest; raise ``CorruptCheckpointError`` naming what is wrong."""
     try:
         try:
-            doc = json.loads(data, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as e:
+            doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        except (ValueError, UnicodeDecodeError, TypeError) as e:
             raise _Bad(f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise _Bad("not valid JSON (nested too deeply)") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise _Bad(f"not a {FORMAT} manifest")
         version = _req(doc, "version", int, "manifest")
@@ -328,6 +354,11 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         body_doc = {k: v for k, v in doc.items() if k != "crc32c"}
         if stored_crc != f"{crc32c(_canonical(body_doc)):08x}":
             raise _Bad("manifest CRC32C mismatch (the manifest was modified or damaged)")
+        # The CRC covers the parsed document; requiring the exact canonical bytes too
+        # makes every byte of the file count (an escape's hex case, a float's
+        # redundant digit, an exponent's 'E' or added whitespace parse the same).
+        if data != _canonical(doc):
+            raise _Bad("manifest bytes are not in canonical form (the manifest was modified or damaged)")
         body = _req(doc, "body", dict, "manifest")
         files: dict[str, int] = {}
         for name, info in _req(body, "files", dict, "body").items():
@@ -345,7 +376,7 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         return Manifest(
             save_id=_req(body, "save_id", str, "body"),
             world_size=_nonneg_int(_req(body, "world_size", int, "body"), "world_size"),
-            created_unix=float(_req(body, "created_unix", (int, float), "body")),
+            created_unix=_finite_float(_req(body, "created_unix", (int, float), "body"), "created_unix"),
             chunk_bytes=chunk_bytes,
             files=files,
             entries=entries,
@@ -355,3 +386,5 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         )
     except _Bad as e:
         raise CorruptCheckpointError(f"{source}: {e}", file=source) from None
+    except RecursionError:  # re-encoding a document nested too deeply to check its CRC
+        raise CorruptCheckpointError(f"{source}: nested too deeply", file=source) from None
