@@ -20,7 +20,9 @@ Call order, per part (``[all]`` every rank, ``[coord]`` the coordinator):
   4. [all]   writer.write_items: this rank's shard file, chunked, CRC32C, fsynced
   5. [coord] only if every rank succeeded: writer.finish commits the manifest
 
-Every step gathers errors: a failure anywhere is raised on every rank.
+Every step gathers errors: a failure anywhere is raised on every rank, and the
+coordinator then removes what the failed save left (its probe, its files, an
+otherwise empty directory; ``CheckpointDir.abandon``).
 This is what ``torch.distributed.checkpoint.save`` does, minus its single
 monolithic call; it uses only DCP's public planner and storage interfaces.
 """
@@ -156,26 +158,39 @@ def plan_save(
         final = writer.prepare_global_plan(final)
         return list(zip(final, positions or [[] for _ in final]))
 
-    central, mine = group.gather_scatter("planning the save", local, coordinate, CheckpointWriteError)
-    plan = planner.finish_plan(central)
+    with _abandon_on_failure(writer, group):
+        central, mine = group.gather_scatter("planning the save", local, coordinate, CheckpointWriteError)
+        plan = planner.finish_plan(central)
 
-    def finish() -> list[int]:
-        writer.check_shared(plan, group.rank)
-        return fingerprints(planner, mine_local[0], mine)
+        def finish() -> list[int]:
+            writer.check_shared(plan, group.rank)
+            return fingerprints(planner, mine_local[0], mine)
 
-    def compare(crcs: list[list[int]]) -> str | None:
-        found = divergence(local_plans, positions, crcs) if positions else None
-        if found is not None and check_replicas == "error":
-            raise CheckpointWriteError(found.message(), key=next(iter(found.keys)))
-        return found.message() if found is not None else None
+        def compare(crcs: list[list[int]]) -> str | None:
+            found = divergence(local_plans, positions, crcs) if positions else None
+            if found is not None and check_replicas == "error":
+                raise CheckpointWriteError(found.message(), key=next(iter(found.keys)))
+            return found.message() if found is not None else None
 
-    if check_replicas == "off":
-        group.run("planning the save", lambda: writer.check_shared(plan, group.rank), CheckpointWriteError)
-    else:
-        warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
-        if warning is not None and group.is_coordinator:
-            warnings.warn(warning, ReplicaDivergenceWarning, stacklevel=3)
+        if check_replicas == "off":
+            group.run("planning the save", lambda: writer.check_shared(plan, group.rank), CheckpointWriteError)
+        else:
+            warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
+            if warning is not None and group.is_coordinator:
+                warnings.warn(warning, ReplicaDivergenceWarning, stacklevel=3)
     return PlannedSave(writer, planner, plan, global_md[0] if global_md else None)
+
+
+@contextmanager
+def _abandon_on_failure(writer: ShardckptWriter, group: Group) -> Iterator[None]:
+    """A save that fails on any rank leaves nothing behind: the coordinator removes
+    its probe and files once every rank has raised the gathered error."""
+    try:
+        yield
+    except BaseException:
+        if group.is_coordinator:
+            writer.abandon()
+        raise
 
 
 def write_and_commit(planned: PlannedSave, resolve: Resolver, group: Group) -> None:
@@ -184,9 +199,10 @@ def write_and_commit(planned: PlannedSave, resolve: Resolver, group: Group) -> N
             raise CheckpointWriteError("commit reached without the global plan's metadata")
         planned.writer.finish(planned.metadata, results)
 
-    group.gather_broadcast(
-        f"saving {planned.writer.path}",
-        lambda: planned.writer.write_items(planned.plan, resolve),
-        commit,
-        CheckpointWriteError,
-    )
+    with _abandon_on_failure(planned.writer, group):
+        group.gather_broadcast(
+            f"saving {planned.writer.path}",
+            lambda: planned.writer.write_items(planned.plan, resolve),
+            commit,
+            CheckpointWriteError,
+        )

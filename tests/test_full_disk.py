@@ -65,11 +65,6 @@ def test_save_that_does_not_fit_fails_typed_and_commits_nothing(reports, mode):
            earlier_intact=1, next_save_ok=1, seconds=r["seconds"])
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a save that fails after planning leaves the shared-storage "
-                   "probe data/<save_id>.probe (and the step directory) behind until some later save or "
-                   "retention cleans it: shardckpt/_save.py write_and_commit (and _async.py's job) never "
-                   "undo prepare_global_plan's write_probe on failure; the coordinator should delete the "
-                   "probe (and the then empty checkpoint directory) when the gathered step fails")
 @pytest.mark.parametrize("mode", MODES)
 def test_failed_save_leaves_no_probe(reports, mode):
     assert reports[mode]["probes_left"] == []

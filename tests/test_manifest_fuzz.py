@@ -495,9 +495,6 @@ def test_reseal_helpers_are_sound(real):
     assert dataclasses.is_dataclass(decode_manifest(reseal(SYNTHETIC)))
 
 
-@pytest.mark.xfail(strict=True, reason="defect: store/checkpoint.py CheckpointDir.size_mismatches treats only "
-                   "FileNotFoundError as 'missing'; a manifest naming data/<shard file>/x gets NotADirectoryError, "
-                   "raised as CheckpointReadError (verify) and wrapped by load, instead of CorruptCheckpointError")
 def test_path_through_a_shard_file_is_corruption(real):
     path, doc = real["raw"]
     original = (path / MANIFEST_NAME).read_bytes()

@@ -81,7 +81,7 @@ class _Files:
             if r is None:
                 try:
                     r = self._storage.open_reader(rel)
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     raise CorruptCheckpointError(
                         f"{self._storage.url}: shard file {rel} is missing", file=rel
                     ) from None

@@ -286,6 +286,16 @@ class ShardckptWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
+        # DCP reuses a writer without calling reset() when checkpoint_id is None:
+        # every save checks its own probe and has its own id.
+        self._probe_checked = False
+        self._save_id = ""
+
+    def abandon(self) -> None:
+        """[coord] After this save failed on some rank: remove what it left (its probe,
+        its files, an otherwise empty directory). Never raises."""
+        if self._save_id:
+            CheckpointDir(self.storage).abandon(self._save_id)
 
     @property
     def storage(self) -> Storage:

@@ -120,7 +120,7 @@ class CheckpointDir:
         for rel, expected in files.items():
             try:
                 size: int | None = self.storage.size(rel)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # a path through a file is missing too
                 size = None
             except OSError as e:  # not "missing": a read failure, raised as one
                 raise CheckpointReadError(f"cannot stat {self.url}/{rel}: {type(e).__name__}: {e}",
@@ -157,6 +157,28 @@ class CheckpointDir:
                     self.storage.remove(rel)
                 except OSError as e:  # the checkpoint is committed; leftovers are only untidy
                     log.warning("could not remove superseded shard %s: %s", rel, e)
+
+    def abandon(self, token: str) -> None:
+        """[coord] After a save with this token failed on some rank (every rank is done
+        with it): remove its probe and any file it left, and the directory if nothing
+        else is in it. Best effort: the save's own error is what the caller raises, so
+        failures here only warn; a committed manifest's files are never touched."""
+        s = self.storage
+        try:
+            names = s.listdir(DATA_DIR)
+            ours = [f"{DATA_DIR}/{n}" for n in names if n.startswith(token)]
+            if self.is_committed():
+                try:
+                    referenced = set(self.read_manifest().files)
+                except Exception:  # noqa: BLE001 - unreadable: touch nothing but the probe
+                    referenced = set(ours)
+                ours = [rel for rel in ours if rel not in referenced or rel == self.probe_name(token)]
+            for rel in ours:
+                s.remove(rel)
+            if not self.is_committed() and not s.listdir(DATA_DIR) and set(s.listdir()) <= {DATA_DIR}:
+                s.remove_tree("")
+        except OSError as e:
+            log.warning("could not clean up after the failed save to %s: %s", self.url, e)
 
     # -- reading
 

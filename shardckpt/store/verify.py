@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .. import knobs
 from .._checksum import implementation as crc_implementation
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointReadError, CorruptCheckpointError
 from ..format.chunks import check_chunk, check_decodes_bounded
 from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
 from .checkpoint import CheckpointDir
@@ -61,6 +61,15 @@ def verify_dir(ckpt: CheckpointDir, share: tuple[int, int] = (0, 1)) -> VerifyRe
 
     def check(job: tuple[str, BlobRef]) -> tuple[int, int, list[CorruptCheckpointError]]:
         key, blob = job
+        try:
+            return _check_blob(key, blob)
+        except (OSError, EOFError) as e:
+            # The sizes were checked: this is a failed read, not damage (retention
+            # deletes corrupt steps, so it must not be reported as one).
+            raise CheckpointReadError(f"verifying {storage.url}: reading {blob.file} failed: "
+                                      f"{type(e).__name__}: {e}", path=storage.url, file=blob.file, key=key) from e
+
+    def _check_blob(key: str, blob: BlobRef) -> tuple[int, int, list[CorruptCheckpointError]]:
         reader = storage.open_reader(blob.file)
         errs: list[CorruptCheckpointError] = []
         pos, buf = blob.offset, bytearray()
