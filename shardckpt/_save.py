@@ -149,17 +149,19 @@ def plan_save(
         mine_local.append(writer.prepare_local_plan(planner.create_local_plan()))
         return mine_local[0]
 
-    def coordinate(plans: list[SavePlan]) -> list[tuple[SavePlan, list[int]]]:
+    def coordinate(plans: list[SavePlan]) -> list[tuple[SavePlan, list[int], bool]]:
         if check_replicas != "off":
             local_plans.extend(plans)
             positions.extend(replicated_positions(plans))
         final, md = planner.create_global_plan(plans)
         global_md.append(md)
         final = writer.prepare_global_plan(final)
-        return list(zip(final, positions or [[] for _ in final]))
+        # any: whether there is anything to compare (else step 3 gathers only a status)
+        return [(p, pos, any(positions)) for p, pos in zip(final, positions or [[] for _ in final])]
 
     with _abandon_on_failure(writer, group):
-        central, mine = group.gather_scatter("planning the save", local, coordinate, CheckpointWriteError)
+        central, mine, replicated = group.gather_scatter("planning the save", local, coordinate,
+                                                         CheckpointWriteError)
         plan = planner.finish_plan(central)
 
         def finish() -> list[int]:
@@ -172,7 +174,7 @@ def plan_save(
                 raise CheckpointWriteError(found.message(), key=next(iter(found.keys)))
             return found.message() if found is not None else None
 
-        if check_replicas == "off":
+        if not replicated:
             group.run("planning the save", lambda: writer.check_shared(plan, group.rank), CheckpointWriteError)
         else:
             warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
