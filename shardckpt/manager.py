@@ -61,6 +61,7 @@ from . import knobs
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._dist import Group
 from ._preempt import PreemptionFlag, exit_code_for
+from ._replicas import CheckReplicas, check_mode
 from .api import load, save
 from .errors import (
     CheckpointReadError,
@@ -110,6 +111,7 @@ class CheckpointManager:
     the write and commit run in the background (one in flight). Raises
     ``CheckpointExistsError`` if another live manager owns ``root``; pass
     ``take_over_lock=True`` when you know its owner is dead (e.g. on another host).
+    ``check_replicas`` as in ``shardckpt.save`` (default ``"error"``).
 
     Retention judges validity cheaply (manifest and shard sizes, no data read),
     so a checkpoint with a flipped bit still counts as the newest valid one:
@@ -131,12 +133,14 @@ class CheckpointManager:
         verify_on_restore: bool = True,
         take_over_lock: bool = False,
         storage_options: dict[str, Any] | None = None,
+        check_replicas: CheckReplicas = "error",
     ) -> None:
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be an integer >= 1, got {save_interval_steps!r}")
         self.policies = build_policies(keep_last, keep_every, keep_best, policies)
         self.save_interval_steps = save_interval_steps
         self.verify_on_restore = verify_on_restore
+        self.check_replicas = check_mode(check_replicas)
         self.storage_options = dict(storage_options) if storage_options is not None else None
         self._root = CheckpointRoot(open_storage(root, self.storage_options))
         #: The root as a path (local) or URL.
@@ -207,11 +211,12 @@ class CheckpointManager:
         self.wait()
         if self._async is None or signum:
             save({"state": state}, path, overwrite=True, metadata=metadata, process_group=self._pg,
-                 storage_options=self.storage_options)
+                 storage_options=self.storage_options, check_replicas=self.check_replicas)
             self._retain()
         else:
             handle = self._async.async_save({"state": state}, path, overwrite=True, metadata=metadata,
-                                            storage_options=self.storage_options)
+                                            storage_options=self.storage_options,
+                                            check_replicas=self.check_replicas)
             if handle is not None:
                 self._in_flight = _InFlight(step, handle)
         if signum:

@@ -1,6 +1,6 @@
 """Permissions scenario, run by ``tests/test_permissions.py`` as
 ``unshare -m --propagation private python tests/_permissions_worker.py`` (it mounts a
-fresh tmpfs over ``/tmp``, visible only in its private mount namespace).
+fresh tmpfs on a new directory under ``/``, visible only in its private mount namespace).
 
 We run as root, and chmod does not stop root; so the unwritable places are
 real ones: a tmpfs remounted read-only (EROFS), and a root-owned 0755 directory
@@ -106,11 +106,22 @@ def as_nobody(case: str, place: str, existing: str) -> dict[str, object]:
 
 
 def main() -> None:
-    # A fresh /tmp in this namespace: every directory above the places is then one
-    # anybody may traverse (a test's own temporary directory is root's 0700), so an
-    # EACCES can only come from the place itself.
-    mnt = "/tmp"
-    mount("-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs", mnt)
+    # A fresh tmpfs right under / in this namespace: every directory above the places
+    # is then one anybody may traverse (a test's own temporary directory is root's
+    # 0700), so an EACCES can only come from the place itself. Not over /tmp: the
+    # checkout itself may live there (CI clones into /tmp), and lazily imported
+    # modules must stay visible.
+    mnt = f"/shardckpt-perm-{os.getpid()}"
+    os.makedirs(mnt, mode=0o755)
+    try:
+        mount("-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs", mnt)
+        run_cases(mnt)
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        os.rmdir(mnt)
+
+
+def run_cases(mnt: str) -> None:
     ro, owned = os.path.join(mnt, "ro"), os.path.join(mnt, "owned")
     os.makedirs(ro)
     os.makedirs(owned)

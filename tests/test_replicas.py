@@ -52,6 +52,8 @@ def test_divergence_names_keys_and_groups_ranks_by_copy():
 def test_check_replicas_value_is_checked(tmp_path):
     with pytest.raises(ValueError, match="check_replicas must be one of"):
         shardckpt.save({"w": torch.ones(2)}, tmp_path / "c", check_replicas="loud")
+    with pytest.raises(ValueError, match="check_replicas must be one of"):
+        shardckpt.CheckpointManager(tmp_path / "m", check_replicas=True)
 
 
 def _state(rank: int, diverge: str | None) -> dict:
@@ -149,6 +151,9 @@ def _manager_worker(rank: int, world: int, root: str) -> None:
     assert mgr.restore(target) == 1
     assert torch.equal(target["w"], torch.arange(64, dtype=torch.float32))
     mgr.close()
+    lenient = shardckpt.CheckpointManager(root, save_interval_steps=1, check_replicas="off")
+    lenient.save(3, _state(rank, "tensor"))  # passed through to the save: not checked
+    lenient.close()
 
 
 def test_manager_does_not_commit_diverged_replicas(tmp_path):
