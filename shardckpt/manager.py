@@ -65,6 +65,7 @@ from ._replicas import CheckReplicas, check_mode
 from .api import load, save
 from .errors import (
     CheckpointReadError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     ShardckptError,
@@ -112,6 +113,8 @@ class CheckpointManager:
     ``CheckpointExistsError`` if another live manager owns ``root``; pass
     ``take_over_lock=True`` when you know its owner is dead (e.g. on another host).
     ``check_replicas`` as in ``shardckpt.save`` (default ``"error"``).
+    ``read_only=True`` (an evaluation job, a read-only mount): no owner marker is
+    taken, ``restore`` and ``list`` work, ``save`` raises ``CheckpointWriteError``.
 
     Retention judges validity cheaply (manifest and shard sizes, no data read),
     so a checkpoint with a flipped bit still counts as the newest valid one:
@@ -134,7 +137,10 @@ class CheckpointManager:
         take_over_lock: bool = False,
         storage_options: dict[str, Any] | None = None,
         check_replicas: CheckReplicas = "error",
+        read_only: bool = False,
     ) -> None:
+        if read_only and async_save:
+            raise ValueError("a read_only CheckpointManager does not save: drop async_save=True")
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be an integer >= 1, got {save_interval_steps!r}")
         self.policies = build_policies(keep_last, keep_every, keep_best, policies)
@@ -148,8 +154,10 @@ class CheckpointManager:
         self._pg = process_group
         self._ctl = _control_group(process_group)
         self._owner = self._root.owner(take_over=take_over_lock)
+        self.read_only = bool(read_only)
         self._closed = True  # until the root is ours: close() must not release someone else's marker
-        self._on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
+        if not self.read_only:  # a reader (evaluation, a read-only mount) takes no ownership
+            self._on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
         self._closed = False
         self._async = AsyncCheckpointer(process_group) if async_save else None
         self._in_flight: _InFlight | None = None
@@ -193,6 +201,9 @@ class CheckpointManager:
         """
         self._check_open()
         _check_step(step)
+        if self.read_only:
+            raise CheckpointWriteError(f"this CheckpointManager of {self.root} is read_only: it restores "
+                                       "and lists, never saves", path=self.root)
         if self._decided is not None and self._decided[0] == step:
             signum = self._decided[1]
         else:
@@ -426,7 +437,7 @@ class CheckpointManager:
                 self._async.close()
             if self._preempt is not None:
                 self._preempt.uninstall()
-            if self._ctl.is_coordinator:
+            if self._ctl.is_coordinator and not self.read_only:
                 self._owner.release()
 
     def __enter__(self) -> CheckpointManager:

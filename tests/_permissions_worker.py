@@ -66,6 +66,16 @@ def check_place(case: str, place: str, existing: str, words: tuple[str, ...]) ->
     manager_error = expect_typed(f"{case}: CheckpointManager", lambda: shardckpt.CheckpointManager(
         os.path.join(place, "run")), shardckpt.ShardckptError, *words)
     seconds = time.monotonic() - t0
+    # A manager over a root it cannot write: refused with the way out named; read_only restores.
+    expect_typed(f"{case}: CheckpointManager over a saved root", lambda: shardckpt.CheckpointManager(
+        os.path.join(place, "mgr")), shardckpt.CheckpointWriteError, "read_only=True")
+    reader = shardckpt.CheckpointManager(os.path.join(place, "mgr"), read_only=True)
+    got = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    if reader.restore(got) != 1 or not all(torch.equal(got[k], v) for k, v in STATE.items()):
+        raise SystemExit(f"{case}: a read_only manager did not restore step 1 bitwise")
+    expect_typed(f"{case}: read_only save", lambda: reader.save(2, got, force=True),
+                 shardckpt.CheckpointWriteError, "read_only")
+    reader.close()
     # What is already there still loads and verifies.
     got = {k: torch.zeros_like(v) for k, v in STATE.items()}
     shardckpt.load({"state": got}, existing)
@@ -128,6 +138,8 @@ def run_cases(mnt: str) -> None:
     mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", ro)
     for place in (ro, owned):
         shardckpt.save({"state": STATE}, os.path.join(place, "existing"))
+        with shardckpt.CheckpointManager(os.path.join(place, "mgr")) as mgr:
+            mgr.save(1, STATE)
     os.chmod(owned, 0o755)  # root's: others may read and traverse, not write
     mount("-o", "remount,ro", ro)
     results = [check_place("read-only mount", ro, os.path.join(ro, "existing"), ("Read-only file system", "EROFS")),

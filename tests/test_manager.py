@@ -15,6 +15,7 @@ import torch
 from shardckpt.errors import (
     CheckpointExistsError,
     CheckpointMismatchError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
@@ -276,3 +277,18 @@ def test_closed_manager_and_bad_arguments(tmp_path):
     mgr.close()
     with pytest.raises(Exception, match="closed"):
         mgr.save(1, Tiny())
+
+
+def test_read_only_manager_restores_beside_a_live_owner_and_never_saves(tmp_path):
+    owner = CheckpointManager(tmp_path)
+    owner.save(1, {"w": torch.arange(4.0)})
+    reader = CheckpointManager(tmp_path, read_only=True)  # takes no ownership
+    got = {"w": torch.zeros(4)}
+    assert reader.restore(got) == 1 and torch.equal(got["w"], torch.arange(4.0))
+    with pytest.raises(CheckpointWriteError, match="read_only"):
+        reader.save(2, got, force=True)
+    reader.close()
+    owner.save(2, {"w": torch.ones(4)})  # the owner's marker is still its own
+    owner.close()
+    with pytest.raises(ValueError, match="read_only"):
+        CheckpointManager(tmp_path, read_only=True, async_save=True)

@@ -24,6 +24,7 @@ manager whose root was taken over stops writing instead of interleaving.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -141,7 +142,10 @@ def _typed_io(what: str) -> Iterator[None]:
     except OSError as e:
         if isinstance(e, CheckpointExistsError):
             raise
-        raise CheckpointWriteError(f"{what} failed: {type(e).__name__}: {e}") from e
+        hint = (" (to only restore from a root that cannot be written, pass "
+                "CheckpointManager(..., read_only=True))"
+                if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else "")
+        raise CheckpointWriteError(f"{what} failed: {type(e).__name__}: {e}{hint}") from e
 
 
 def _pid_alive(pid: int) -> bool:
