@@ -42,21 +42,36 @@ SUITE = [
 ]
 # What a reader should check in each table: the columns that must be zero.
 MUST_BE_ZERO = ("torn_loadable", "earlier_lost", "undetected", "untyped", "hung", "committed",
-                "partial_tensor", "failed", "lost")
+                "partial_tensor", "partial_files", "failed", "lost")
+
+
+# Numbers that name a row rather than count something.
+LABELS = ("ranks",)
+# Per suite: fields folded into one row (their distinct values are counted instead),
+# so a table stays readable; and fields renamed where the generic name misleads.
+COLLAPSE = {"io faults": ("site", "kind", "mode"), "kill points": ("kind", "mode")}
+RENAME = {("kill points", "committed"): "new_complete"}  # a kill after the commit: the new step loads
 
 
 def _is_extreme(field: str) -> bool:
-    return field in ("seconds", "max_seconds") or field.endswith("_pct") or field.endswith("_growth")
+    return (field in ("seconds", "max_seconds") or field.endswith("_pct") or field.endswith("_growth")
+            or field.endswith("(distinct)"))
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """suite -> rows: records with equal non-numeric fields merged, counts summed."""
     rows: dict[str, dict[tuple[tuple[str, Any], ...], dict[str, Any]]] = defaultdict(dict)
+    distinct: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, set[Any]]] = defaultdict(lambda: defaultdict(set))
     for rec in records:
-        rec = {k: v for k, v in rec.items() if k != "time"}
-        suite = rec.pop("suite")
+        suite = rec["suite"]
+        rec = {RENAME.get((suite, k), k): (str(v) if k in LABELS else v) for k, v in rec.items()
+               if k not in ("time", "suite")}
+        folded = {k: rec.pop(k) for k in COLLAPSE.get(suite, ()) if k in rec}
         labels = tuple(sorted((k, v) for k, v in rec.items() if not isinstance(v, (int, float)) or isinstance(v, bool)))
         row = rows[suite].setdefault(labels, dict(labels))
+        for k, v in folded.items():
+            distinct[(suite, labels)][k].add(v)
+            row[f"{k} (distinct)"] = len(distinct[(suite, labels)][k])
         for k, v in rec.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if _is_extreme(k):
