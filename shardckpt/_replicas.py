@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 
 from ._checksum import crc32c
+from .format.layout import tensor_bytes
 
 __all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "replicated_positions", "fingerprints", "divergence"]
 
@@ -59,17 +59,6 @@ def replicated_positions(plans: Sequence[SavePlan]) -> list[list[int]]:
             k = _key(item)
             holders[k] = holders.get(k, 0) + 1
     return [[i for i, item in enumerate(plan.items) if holders[_key(item)] > 1] for plan in plans]
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of ``t`` in row-major order, on the host (a copy only if needed)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    flat = t.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def fingerprints(planner: SavePlanner, plan: SavePlan, positions: Sequence[int]) -> list[int]:

@@ -36,6 +36,7 @@ from tests.test_kill_points import (
     check_outcome,
     child_save,
     make_state,
+    places,  # noqa: F401 - the fixture place_of builds on
     same,
     setup_root,
     try_load,
@@ -54,17 +55,8 @@ def _applies(fault: str, site: str) -> bool:
 
 
 @pytest.fixture
-def place_of(tmp_path: Any, request: Any):
-    counter = iter(range(10**9))
-
-    def make(backend: str) -> Place:
-        n = next(counter)
-        if backend == "local":
-            return Place(str(tmp_path / f"root{n}"), None)
-        bucket = request.getfixturevalue("s3_bucket")
-        return Place(bucket.url(f"r{n}").rstrip("/"), bucket.storage_options)
-
-    yield make
+def place_of(request: Any):
+    yield request.getfixturevalue("places")  # test_kill_points' roots; disarmed after each test
     faultstore.disarm()
 
 

@@ -49,7 +49,7 @@ from .._checksum import crc32c
 from ..errors import CheckpointWriteError
 from ..format.codec import Compression, encode
 from ..format.codec import resolve as resolve_compression
-from ..format.layout import dtype_name, split_chunks
+from ..format.layout import dtype_name, split_chunks, tensor_bytes
 from ..format.manifest import (
     DATA_DIR,
     BlobRef,
@@ -85,16 +85,6 @@ class _Stored:
     chunks: tuple[ChunkInfo, ...]
     encoding: str | None = None  # objects only
     inline: Any = None  # inline JSON object value
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    flat = t.contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def _encode_chunk(data: memoryview, itemsize: int, cfg: Compression, floating: bool) -> tuple[ChunkInfo, Any]:
@@ -371,7 +361,7 @@ class ShardckptWriter(StorageWriter):
                     dtype_name(t.dtype)
                 except TypeError as e:
                     raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
-                pieces = t.pieces if isinstance(t, StagedTensor) else [(_tensor_bytes(t), None)]
+                pieces = t.pieces if isinstance(t, StagedTensor) else [(tensor_bytes(t), None)]
                 floating = t.dtype.is_floating_point or t.dtype.is_complex
                 shard = shards.next_blob(t.nbytes if isinstance(t, StagedTensor) else t.numel() * t.element_size())
                 offset, chunks = shard.append(pieces, t.dtype.itemsize, floating=floating)

@@ -23,6 +23,7 @@ __all__ = [
     "split_box",
     "contiguous_strides",
     "numel",
+    "tensor_bytes",
 ]
 
 _DTYPE_NAMES = [
@@ -122,3 +123,15 @@ def split_box(
 
 def numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` in C order, on the host (copied only if it is elsewhere or
+    not contiguous): what a shard stores and what a replica's checksum covers."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
