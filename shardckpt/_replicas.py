@@ -19,7 +19,6 @@ silently. This module makes that loud, in three steps of ``plan_save``:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 
 from ._checksum import crc32c
 from .format.layout import tensor_bytes
+from .format.objects import resolve_object
 
 __all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "replicated_positions", "fingerprints", "divergence"]
 
@@ -66,13 +66,12 @@ def fingerprints(planner: SavePlanner, plan: SavePlan, positions: Sequence[int])
     out = []
     for i in positions:
         item = plan.items[i]
-        data = planner.resolve_data(item)
         if item.type == WriteItemType.BYTE_IO:
-            # torch.save's bytes are a function of the value alone (checked across
-            # processes), so equal values give equal CRCs on every rank.
-            out.append(crc32c(data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)))
+            # the bytes the writer would store (torch.save's bytes are a function of the
+            # value alone, checked across processes; a BytesIO is taken raw)
+            out.append(crc32c(resolve_object(planner.resolve_data, item).getvalue()))
         else:
-            out.append(crc32c(tensor_bytes(data)))
+            out.append(crc32c(tensor_bytes(planner.resolve_data(item))))
     return out
 
 

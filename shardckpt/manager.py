@@ -64,7 +64,6 @@ from ._preempt import PreemptionFlag, exit_code_for
 from ._replicas import CheckReplicas, check_mode
 from .api import load, save
 from .errors import (
-    CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -347,9 +346,8 @@ class CheckpointManager:
                                   lambda found: next((f for f in found if f is not None), None), ShardckptError)
 
     def _load(self, state: Any, path: str, step: int | None) -> int | None:
-        # DCP's collectives run on the training group: bound them, and type a lost peer.
-        with Group(self._pg).guard(f"load from {path}", CheckpointReadError, lost_contact=False):
-            load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
+        # load bounds and types its collectives itself (a lost or stuck peer)
+        load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
         if step is not None and hasattr(state, "step"):
             state.step = step
         self._info("restored step %s from %s", step, path)

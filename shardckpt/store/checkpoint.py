@@ -167,7 +167,8 @@ class CheckpointDir:
         try:
             names = s.listdir(DATA_DIR)
             ours = [f"{DATA_DIR}/{n}" for n in names if n.startswith(token)]
-            if self.is_committed():
+            committed = self.is_committed()
+            if committed:
                 try:
                     referenced = set(self.read_manifest().files)
                 except Exception:  # noqa: BLE001 - unreadable: touch nothing but the probe
@@ -175,9 +176,9 @@ class CheckpointDir:
                 ours = [rel for rel in ours if rel not in referenced or rel == self.probe_name(token)]
             for rel in ours:
                 s.remove(rel)
-            if not self.is_committed() and not s.listdir(DATA_DIR) and set(s.listdir()) <= {DATA_DIR}:
+            if not committed and not s.listdir(DATA_DIR) and set(s.listdir()) <= {DATA_DIR}:
                 s.remove_tree("")
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - runs while the save's own error propagates: never mask it
             log.warning("could not clean up after the failed save to %s: %s", self.url, e)
 
     # -- reading
