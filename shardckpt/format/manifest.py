@@ -14,14 +14,30 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
-from . import codec as _codec
+from ._validate import CODECS, DATA_DIR, validate_relpath
+from ._validate import Bad as _Bad
+from ._validate import blob as _blob
+from ._validate import finite_float as _finite_float
+from ._validate import int_list as _int_list
+from ._validate import nonneg_int as _nonneg_int
+from ._validate import req as _req
+from .entries import (
+    BlobRef,
+    ChunkInfo,
+    Entry,
+    LaidOutShards,
+    ObjectEntry,
+    TensorEntry,
+    TensorShard,
+)
+from .grid import Grid, Layout, LayoutError, Writers
+from .index import Indexes
 from .layout import DTYPES
 
 __all__ = [
@@ -42,70 +58,13 @@ __all__ = [
 ]
 
 FORMAT = "shardckpt"
-VERSION = 1
+#: Version 2 adds laid-out tensors and per-rank indexes; a manifest without them is
+#: still written as version 1, byte for byte as before.
+VERSION = 2
 MANIFEST_NAME = "manifest.json"
-DATA_DIR = "data"
-#: Chunk codecs this version can decode.
-CODECS = frozenset(_codec.CODECS)
-ObjectEncoding = Literal["json", "bytes", "bytesio", "torch"]
 _ENCODINGS = ("json", "bytes", "bytesio", "torch")
-_MAX_NAME, _MAX_PATH = 255, 1024
 _BYTESIO_HEADER = 8  # a bytesio payload starts with its u64 stream position (format/objects.py)
-
-
-@dataclass(frozen=True)
-class ChunkInfo:
-    codec: str
-    raw_len: int
-    stored_len: int
-    crc32c: int
-
-
-@dataclass(frozen=True)
-class BlobRef:
-    """A run of consecutive chunks in one shard file, starting at byte ``offset``."""
-
-    file: str
-    offset: int
-    chunks: tuple[ChunkInfo, ...]
-
-    @property
-    def raw_len(self) -> int:
-        return sum(c.raw_len for c in self.chunks)
-
-    @property
-    def stored_len(self) -> int:
-        return sum(c.stored_len for c in self.chunks)
-
-
-@dataclass(frozen=True)
-class TensorShard:
-    """One stored slice of a tensor: ``sizes`` elements at ``offsets`` of the global shape."""
-
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    blob: BlobRef
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    dtype: str
-    shape: tuple[int, ...]
-    shards: tuple[TensorShard, ...]
-    key_path: tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
-class ObjectEntry:
-    """A non-tensor value: inline JSON (``value``), or a blob of bytes / JSON / weights-only torch."""
-
-    encoding: ObjectEncoding
-    key_path: tuple[str | int, ...]
-    value: Any = None
-    blob: BlobRef | None = None
-
-
-Entry = TensorEntry | ObjectEntry
+ReadIndex = Callable[[str], bytes]
 
 
 @dataclass(frozen=True)
@@ -114,15 +73,22 @@ class Manifest:
     world_size: int
     created_unix: float
     chunk_bytes: int
-    files: Mapping[str, int]  # relative path -> size in bytes
+    files: Mapping[str, int]  # relative path -> size in bytes (shard files and indexes)
     entries: Mapping[str, Entry]
     library: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
-    version: int = VERSION
+    version: int = 1
+    indexes: Mapping[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (file, crc32c)
+    source: Indexes | None = field(default=None, compare=False, repr=False)
 
     @property
     def total_bytes(self) -> int:
         return sum(self.files.values())
+
+    def load_indexes(self) -> None:
+        """Read and check every index now (verify, tools): raises what a load would."""
+        if self.source is not None:
+            self.source.load_all()
 
 
 # ---------------------------------------------------------------- encoding
@@ -138,17 +104,14 @@ def _blob_json(b: BlobRef) -> dict[str, Any]:
 
 def _entry_json(e: Entry) -> dict[str, Any]:
     if isinstance(e, TensorEntry):
-        return {
-            "kind": "tensor",
-            "dtype": e.dtype,
-            "shape": list(e.shape),
-            "key_path": list(e.key_path),
-            "shards": [
-                {"offsets": list(s.offsets), "sizes": list(s.sizes), **_blob_json(s.blob)}
-                for s in e.shards
-            ],
-        }
-    out: dict[str, Any] = {"kind": "object", "encoding": e.encoding, "key_path": list(e.key_path)}
+        out: dict[str, Any] = {"kind": "tensor", "dtype": e.dtype, "shape": list(e.shape), "key_path": list(e.key_path)}
+        if e.layout is not None:
+            out["layout"] = e.layout.to_json()
+        else:
+            out["shards"] = [{"offsets": list(s.offsets), "sizes": list(s.sizes), **_blob_json(s.blob)}
+                             for s in e.shards]
+        return out
+    out = {"kind": "object", "encoding": e.encoding, "key_path": list(e.key_path)}
     if e.blob is None:
         out["value"] = e.value
     else:
@@ -175,15 +138,13 @@ def encode_manifest(m: Manifest) -> bytes:
             "entries": {k: _entry_json(v) for k, v in m.entries.items()},
         },
     }
+    if m.version >= 2:
+        doc["body"]["indexes"] = {rel: {"rank": r, "crc32c": f"{crc:08x}"} for r, (rel, crc) in m.indexes.items()}
     doc["crc32c"] = f"{crc32c(_canonical(doc)):08x}"
     return _canonical(doc)
 
 
 # ---------------------------------------------------------------- decoding
-
-
-class _Bad(Exception):
-    pass
 
 
 def _reject_constant(name: str) -> Any:
@@ -200,92 +161,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _req(d: Any, key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise _Bad(f"{where}: missing field {key!r}")
-    v = d[key]
-    # bool is an int subclass; never accept it where a number is meant.
-    if not isinstance(v, typ) or (isinstance(v, bool) and bool not in _as_tuple(typ)):
-        raise _Bad(f"{where}.{key}: expected {_tname(typ)}, got {type(v).__name__}")
-    return v
-
-
-def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
-    return t if isinstance(t, tuple) else (t,)
-
-
-def _tname(t: type | tuple[type, ...]) -> str:
-    return "/".join(x.__name__ for x in _as_tuple(t))
-
-
-def _nonneg_int(v: Any, where: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise _Bad(f"{where}: expected a non-negative integer, got {v!r}")
-    return v
-
-
-def _finite_float(v: int | float, where: str) -> float:
-    try:
-        return float(v)
-    except OverflowError:
-        raise _Bad(f"{where}: {v} is out of range") from None
-
-
-def _int_list(v: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        raise _Bad(f"{where}: expected a list of integers")
-    return tuple(_nonneg_int(x, f"{where}[{i}]") for i, x in enumerate(v))
-
-
-def validate_relpath(path: Any) -> str:
-    """A path inside the checkpoint: relative, normalized, under ``data/``, no ``..``."""
-    if not isinstance(path, str) or not path:
-        raise _Bad(f"file path {path!r} is not a non-empty string")
-    if path.startswith("/") or "\\" in path or ":" in path or "\x00" in path:
-        raise _Bad(f"file path {path!r} is absolute or not a plain relative path")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
-        raise _Bad(f"file path {path!r} escapes or is not normalized within the checkpoint")
-    if parts[0] != DATA_DIR or len(parts) < 2:
-        raise _Bad(f"file path {path!r} is not under {DATA_DIR}/")
-    # Longer names than any filesystem (255 bytes a name) or object store (1024 a key)
-    # takes would fail in the backend with an untyped OS error.
-    if len(path.encode("utf-8", "surrogatepass")) > _MAX_PATH or any(
-        len(p.encode("utf-8", "surrogatepass")) > _MAX_NAME for p in parts
-    ):
-        raise _Bad(f"file path {path[:80]!r}... is longer than {_MAX_NAME} bytes a name or {_MAX_PATH} in all")
-    return path
-
-
-def _blob(d: dict[str, Any], files: Mapping[str, int], where: str, max_chunk: int, raw_only: bool = False) -> BlobRef:
-    file = validate_relpath(_req(d, "file", str, where))
-    if file not in files:
-        raise _Bad(f"{where}: file {file!r} is not listed in the manifest's files")
-    offset = _nonneg_int(_req(d, "offset", int, where), f"{where}.offset")
-    chunks = []
-    for i, c in enumerate(_req(d, "chunks", list, where)):
-        cw = f"{where}.chunks[{i}]"
-        if not isinstance(c, list) or len(c) != 4 or not isinstance(c[0], str):
-            raise _Bad(f"{cw}: expected [codec, raw_len, stored_len, crc32c]")
-        if c[0] not in CODECS:
-            raise _Bad(f"{cw}: unknown codec {c[0]!r} (written by a newer shardckpt?)")
-        raw, stored, crc = (_nonneg_int(x, cw) for x in c[1:])
-        if crc > 0xFFFFFFFF:
-            raise _Bad(f"{cw}: crc32c {crc} out of range")
-        if c[0] == "raw" and raw != stored:
-            raise _Bad(f"{cw}: raw chunk with raw_len {raw} != stored_len {stored}")
-        if raw_only and c[0] != "raw":
-            raise _Bad(f"{cw}: object blobs are stored raw, found codec {c[0]!r}")
-        # Bounds what decoding may allocate, whatever a crafted manifest claims.
-        if raw > max_chunk:
-            raise _Bad(f"{cw}: raw_len {raw} exceeds the checkpoint's chunk size {max_chunk}")
-        chunks.append(ChunkInfo(c[0], raw, stored, crc))
-    blob = BlobRef(file, offset, tuple(chunks))
-    if offset + blob.stored_len > files[file]:
-        raise _Bad(f"{where}: bytes [{offset}, {offset + blob.stored_len}) exceed {file}'s size {files[file]}")
-    return blob
-
-
 def _key_path(v: Any, where: str) -> tuple[str | int, ...]:
     if not isinstance(v, list) or not v:
         raise _Bad(f"{where}.key_path: expected a non-empty list")
@@ -295,13 +170,28 @@ def _key_path(v: Any, where: str) -> tuple[str | int, ...]:
     return tuple(v)
 
 
-def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chunk: int) -> TensorEntry:
+def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chunk: int,
+                  version: int, world_size: int) -> TensorEntry:
     where = f"entries[{key!r}]"
     dtype = _req(d, "dtype", str, where)
     if dtype not in DTYPES:
         raise _Bad(f"{where}: unsupported dtype {dtype!r}")
     itemsize = DTYPES[dtype].itemsize
     shape = _int_list(_req(d, "shape", list, where), f"{where}.shape")
+    kp = _key_path(d.get("key_path"), where)
+    if "layout" in d and version >= 2:
+        if "shards" in d:
+            raise _Bad(f"{where}: has both a layout and listed shards")
+        ld = _req(d, "layout", dict, where)
+        if set(ld) != {"grid", "writers"}:
+            raise _Bad(f"{where}.layout: expected exactly 'grid' and 'writers'")
+        try:
+            grid = Grid.from_json(ld["grid"], shape)
+            writers = Writers.from_json(ld["writers"], grid.num_boxes, world_size)
+        except LayoutError as e:
+            raise _Bad(f"{where}.layout: {e}") from None
+        layout = Layout(grid, writers)
+        return TensorEntry(dtype, shape, LaidOutShards(key, layout), kp, layout=layout)
     shards = []
     for i, s in enumerate(_req(d, "shards", list, where)):
         sw = f"{where}.shards[{i}]"
@@ -317,7 +207,7 @@ def _tensor_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chu
         if any(c.raw_len % itemsize for c in blob.chunks):
             raise _Bad(f"{sw}: a chunk splits a {dtype} element")
         shards.append(TensorShard(offsets, sizes, blob))
-    return TensorEntry(dtype, shape, tuple(shards), _key_path(d.get("key_path"), where))
+    return TensorEntry(dtype, shape, tuple(shards), kp)
 
 
 def _object_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chunk: int) -> ObjectEntry:
@@ -336,8 +226,32 @@ def _object_entry(key: str, d: dict[str, Any], files: Mapping[str, int], max_chu
     return ObjectEntry("json", kp, value=d["value"])
 
 
-def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
-    """Parse and validate a manifest; raise ``CorruptCheckpointError`` naming what is wrong."""
+def _indexes(body: dict[str, Any], files: Mapping[str, int], world_size: int) -> dict[int, tuple[str, int]]:
+    out: dict[int, tuple[str, int]] = {}
+    for rel, info in _req(body, "indexes", dict, "body").items():
+        where = f"indexes[{rel!r}]"
+        if rel not in files:
+            raise _Bad(f"{where}: index file is not listed in the manifest's files")
+        rank = _nonneg_int(_req(info, "rank", int, where), f"{where}.rank")
+        crc = _req(info, "crc32c", str, where)
+        if set(info) != {"rank", "crc32c"} or rank >= world_size or rank in out:
+            raise _Bad(f"{where}: expected a distinct rank < {world_size} and a crc32c only")
+        if len(crc) != 8 or any(ch not in "0123456789abcdef" for ch in crc):
+            raise _Bad(f"{where}.crc32c: {crc!r} is not 8 lowercase hex digits")
+        out[rank] = (rel, int(crc, 16))
+    return out
+
+
+def _no_storage(rel: str) -> bytes:
+    raise FileNotFoundError(f"{rel}: this manifest was decoded without access to its checkpoint")
+
+
+def decode_manifest(data: bytes, source: str = MANIFEST_NAME, read_index: ReadIndex | None = None,
+                    url: str = "") -> Manifest:
+    """Parse and validate a manifest; raise ``CorruptCheckpointError`` naming what is wrong.
+
+    ``read_index(rel)`` reads a per-rank index (``url`` names the checkpoint in
+    errors); without it, the slices of laid-out tensors cannot be looked up."""
     try:
         try:
             doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
@@ -364,18 +278,30 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
         for name, info in _req(body, "files", dict, "body").items():
             files[validate_relpath(name)] = _nonneg_int(_req(info, "size", int, f"files[{name!r}]"), name)
         chunk_bytes = _nonneg_int(_req(body, "chunk_bytes", int, "body"), "chunk_bytes")
+        world_size = _nonneg_int(_req(body, "world_size", int, "body"), "world_size")
+        save_id = _req(body, "save_id", str, "body")
+        indexes = _indexes(body, files, world_size) if version >= 2 else {}
         entries: dict[str, Entry] = {}
         for key, e in _req(body, "entries", dict, "body").items():
             kind = _req(e, "kind", str, f"entries[{key!r}]")
             if kind == "tensor":
-                entries[key] = _tensor_entry(key, e, files, chunk_bytes)
+                entries[key] = _tensor_entry(key, e, files, chunk_bytes, version, world_size)
             elif kind == "object":
                 entries[key] = _object_entry(key, e, files, chunk_bytes)
             else:
                 raise _Bad(f"entries[{key!r}]: unknown kind {kind!r}")
+        laid_out = [e for e in entries.values() if isinstance(e, TensorEntry) and e.layout is not None]
+        if version >= 2 and not laid_out:
+            raise _Bad("a version 2 manifest without laid-out tensors (written as version 1)")
+        indexes_src = None
+        if laid_out:
+            indexes_src = Indexes(read_index or _no_storage, url or source, save_id, indexes, files,
+                                  entries, chunk_bytes)
+            for e in laid_out:
+                e.shards.source = indexes_src  # type: ignore[attr-defined]
         return Manifest(
-            save_id=_req(body, "save_id", str, "body"),
-            world_size=_nonneg_int(_req(body, "world_size", int, "body"), "world_size"),
+            save_id=save_id,
+            world_size=world_size,
             created_unix=_finite_float(_req(body, "created_unix", (int, float), "body"), "created_unix"),
             chunk_bytes=chunk_bytes,
             files=files,
@@ -383,6 +309,8 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
             library=_req(body, "library", dict, "body"),
             metadata=_req(body, "metadata", dict, "body"),
             version=version,
+            indexes=indexes,
+            source=indexes_src,
         )
     except _Bad as e:
         raise CorruptCheckpointError(f"{source}: {e}", file=source) from None

@@ -205,7 +205,7 @@ class CheckpointDir:
             else:
                 hint = " (a save never finished: no committed manifest)"
             raise IncompleteCheckpointError(f"{s.url} is not a loadable checkpoint{hint}", path=s.url)
-        return decode_manifest(data, source=f"{s.url}/{MANIFEST_NAME}")
+        return decode_manifest(data, source=f"{s.url}/{MANIFEST_NAME}", read_index=s.read_bytes, url=s.url)
 
     def read_checked(self) -> Manifest:
         """The manifest, plus every shard file present with its recorded size (no data read)."""
