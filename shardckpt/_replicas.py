@@ -29,7 +29,7 @@ from ._checksum import crc32c
 from .format.layout import tensor_bytes
 from .format.objects import resolve_object
 
-__all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "replicated_positions", "fingerprints", "divergence"]
+__all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "replicated_positions", "fingerprints", "divergence", "divergence_of", "replica_key"]
 
 CheckReplicas = Literal["error", "warn", "off"]
 _MODES = ("error", "warn", "off")
@@ -98,12 +98,27 @@ def divergence(
     plans: Sequence[SavePlan], positions: Sequence[Sequence[int]], crcs: Sequence[Sequence[int]]
 ) -> Divergence | None:
     """Coordinator: compare every rank's fingerprints of each replicated item."""
+    return divergence_of([[_key(plan.items[i]) for i in pos] for plan, pos in zip(plans, positions)], crcs)
+
+
+def replica_key(summary: Any, position: int) -> tuple[str, tuple[int, ...] | None]:
+    """``_key`` of item ``position`` of a ``_plan.Summary``."""
+    kind, _, shape, _ = summary.specs[position]
+    if kind == "o":
+        return summary.keys[position], None
+    return summary.keys[position], tuple(int(x) for x in summary.offsets[position][:len(shape)])
+
+
+def divergence_of(
+    held: Sequence[Sequence[tuple[str, tuple[int, ...] | None]]], crcs: Sequence[Sequence[int]]
+) -> Divergence | None:
+    """Coordinator: per rank, the keys of its replicated items and its checksums of them."""
     seen: dict[tuple[str, tuple[int, ...] | None], dict[int, list[int]]] = {}
-    for rank, (plan, pos, got) in enumerate(zip(plans, positions, crcs)):
-        if len(pos) != len(got):
-            raise ValueError(f"rank {rank} sent {len(got)} replica checksums for {len(pos)} items")
-        for i, crc in zip(pos, got):
-            seen.setdefault(_key(plan.items[i]), {}).setdefault(crc, []).append(rank)
+    for rank, (keys, got) in enumerate(zip(held, crcs)):
+        if len(keys) != len(got):
+            raise ValueError(f"rank {rank} sent {len(got)} replica checksums for {len(keys)} items")
+        for k, crc in zip(keys, got):
+            seen.setdefault(k, {}).setdefault(crc, []).append(rank)
     bad: dict[str, list[list[int]]] = {}
     for (fqn, offset), by_crc in seen.items():
         if len(by_crc) > 1:

@@ -40,21 +40,21 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.stateful import Stateful
 
 from . import knobs
 from ._dist import Group
+from ._plan import Assignment, Skeleton, Summary, plan_globally, summarize
 from ._replicas import (
     CheckReplicas,
     ReplicaDivergenceWarning,
     check_mode,
-    divergence,
+    divergence_of,
     fingerprints,
-    replicated_positions,
+    replica_key,
 )
-from .dcp.writer import ShardckptWriter
+from .dcp.writer import RankWritten, ShardckptWriter, assigned_target
 from .errors import CheckpointWriteError, ShardckptError
 from .format.codec import Compression
 from .format.codec import resolve as resolve_compression
@@ -125,7 +125,7 @@ class PlannedSave:
     writer: ShardckptWriter
     planner: DefaultSavePlanner
     plan: SavePlan  # this rank's final plan
-    metadata: Metadata | None  # the global metadata; coordinator only
+    skeleton: Skeleton | None  # the manifest's structure; coordinator only
 
 
 def flatten_stateful(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -138,38 +138,44 @@ def plan_save(
 ) -> PlannedSave:
     planner = DefaultSavePlanner()
     state_dict = flatten_stateful(state_dict)
-    global_md: list[Metadata] = []
-    local_plans: list[SavePlan] = []  # coordinator: the plans before DCP's dedup
-    positions: list[list[int]] = []
+    skeleton: list[Skeleton] = []
+    summaries: list[Summary] = []  # coordinator: every rank's local summary
     mine_local: list[SavePlan] = []  # this rank's local plan: positions index into it
+    replicated_of: list[tuple[int, ...]] = []  # coordinator: per rank, positions others hold too
 
-    def local() -> SavePlan:
+    def local() -> Summary:
         planner.set_up_planner(state_dict, storage_meta=writer.storage_meta(), is_coordinator=group.is_coordinator)
         writer.set_up_storage_writer(group.is_coordinator)
         mine_local.append(writer.prepare_local_plan(planner.create_local_plan()))
-        return mine_local[0]
+        return summarize(mine_local[0])
 
-    def coordinate(plans: list[SavePlan]) -> list[tuple[SavePlan, list[int], bool]]:
-        if check_replicas != "off":
-            local_plans.extend(plans)
-            positions.extend(replicated_positions(plans))
-        final, md = planner.create_global_plan(plans)
-        global_md.append(md)
-        final = writer.prepare_global_plan(final)
+    def coordinate(gathered: list[Summary]) -> list[tuple[Assignment, str, str | None, bool]]:
+        summaries.extend(gathered)
+        assignments, skel = plan_globally(gathered)
+        replicated_of.extend(a.replicated for a in assignments)
+        skeleton.append(skel)
+        probe = writer.begin(len(gathered))
         # any: whether there is anything to compare (else step 3 gathers only a status)
-        return [(p, pos, any(positions)) for p, pos in zip(final, positions or [[] for _ in final])]
+        replicated = check_replicas != "off" and any(a.replicated for a in assignments)
+        return [(a, writer.save_id, probe, replicated) for a in assignments]
 
     with _abandon_on_failure(writer, group):
-        central, mine, replicated = group.gather_scatter("planning the save", local, coordinate,
-                                                         CheckpointWriteError)
-        plan = planner.finish_plan(central)
+        assignment, save_id, probe, replicated = group.gather_scatter("planning the save", local, coordinate,
+                                                                      CheckpointWriteError)
+        writer.adopt(save_id)
+        local_plan = mine_local[0]
+        plan = planner.finish_plan(SavePlan(
+            [local_plan.items[int(p)] for p in assignment.positions],
+            storage_data=assigned_target(save_id, group.rank, probe, assignment.key_nos, assignment.boxes),
+            planner_data=local_plan.planner_data))
 
         def finish() -> list[int]:
             writer.check_shared(plan, group.rank)
-            return fingerprints(planner, mine_local[0], mine)
+            return fingerprints(planner, local_plan, assignment.replicated)
 
         def compare(crcs: list[list[int]]) -> str | None:
-            found = divergence(local_plans, positions, crcs) if positions else None
+            held = [[replica_key(s, p) for p in pos] for s, pos in zip(summaries, replicated_of)]
+            found = divergence_of(held, crcs)
             if found is not None and check_replicas == "error":
                 raise CheckpointWriteError(found.message(), key=next(iter(found.keys)))
             return found.message() if found is not None else None
@@ -180,7 +186,7 @@ def plan_save(
             warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
             if warning is not None and group.is_coordinator:
                 warnings.warn(warning, ReplicaDivergenceWarning, stacklevel=3)
-    return PlannedSave(writer, planner, plan, global_md[0] if global_md else None)
+    return PlannedSave(writer, planner, plan, skeleton[0] if skeleton else None)
 
 
 @contextmanager
@@ -196,15 +202,15 @@ def _abandon_on_failure(writer: ShardckptWriter, group: Group) -> Iterator[None]
 
 
 def write_and_commit(planned: PlannedSave, resolve: Resolver, group: Group) -> None:
-    def commit(results: list[Any]) -> None:
-        if planned.metadata is None:
-            raise CheckpointWriteError("commit reached without the global plan's metadata")
-        planned.writer.finish(planned.metadata, results)
+    def commit(written: list[RankWritten]) -> None:
+        if planned.skeleton is None:
+            raise CheckpointWriteError("commit reached without the global plan")
+        planned.writer.commit_assigned(planned.skeleton, written)
 
     with _abandon_on_failure(planned.writer, group):
         group.gather_broadcast(
             f"saving {planned.writer.path}",
-            lambda: planned.writer.write_items(planned.plan, resolve),
+            lambda: planned.writer.write_assigned(planned.plan, resolve),
             commit,
             CheckpointWriteError,
         )

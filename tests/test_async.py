@@ -147,19 +147,19 @@ def test_background_failure_is_raised_and_nothing_committed(tmp_path, ckpt, monk
 
 
 def test_failure_midway_leaves_target_uncommitted(tmp_path, ckpt, monkeypatch):
-    real = ShardckptWriter.finish
+    real = ShardckptWriter.commit_assigned
 
-    def failing_finish(self, metadata, results):
+    def failing_finish(self, skeleton, written):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ShardckptWriter, "finish", failing_finish)
+    monkeypatch.setattr(ShardckptWriter, "commit_assigned", failing_finish)
     h = ckpt.async_save({"a": torch.ones(2)}, tmp_path / "c")
     with pytest.raises(CheckpointWriteError, match="No space left"):
         h.result()
     assert not (tmp_path / "c").exists()  # the failed save removed what it had written
     with pytest.raises(shardckpt.CheckpointNotFoundError):
         shardckpt.verify(tmp_path / "c")
-    monkeypatch.setattr(ShardckptWriter, "finish", real)
+    monkeypatch.setattr(ShardckptWriter, "commit_assigned", real)
     ckpt.async_save({"a": torch.ones(2)}, tmp_path / "c").result()
     shardckpt.verify(tmp_path / "c")
 

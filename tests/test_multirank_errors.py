@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from tests.manifest_view import entries_view
 from tests.multiproc import run_multiprocess
 
 TIMEOUT = 60.0
@@ -84,7 +85,7 @@ def _corrupt_worker(rank: int, world_size: int, path: str) -> None:
     dist.barrier()
     if rank == 0:
         # flip one byte inside rank 1's slice of "w": only rank 1 reads that chunk
-        (shard,) = [s for s in _manifest(path)["body"]["entries"]["w"]["shards"] if s["offsets"][0] > 0]
+        (shard,) = [s for s in entries_view(path)["w"]["shards"] if s["offsets"][0] > 0]
         assert shard["file"].startswith("data/") and shard["file"].endswith("-r00001.bin"), shard["file"]
         with open(os.path.join(path, shard["file"]), "r+b") as f:
             f.seek(shard["offset"] + 70)  # second chunk of the slice

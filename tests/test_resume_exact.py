@@ -15,6 +15,7 @@ import textwrap
 import torch
 
 from shardckpt.manager import step_dirname
+from tests.manifest_view import entries_view
 
 STEPS = 16
 DRIVER = textwrap.dedent("""
@@ -45,8 +46,7 @@ DRIVER = textwrap.dedent("""
 
 
 def _entries(root):
-    doc = json.loads((root / step_dirname(STEPS) / "manifest.json").read_text())
-    return doc["body"]["entries"]
+    return entries_view(root / step_dirname(STEPS))
 
 
 def _tensor_fingerprint(entry):

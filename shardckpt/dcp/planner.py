@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from ..errors import CheckpointMismatchError
 
-__all__ = ["SafeLoadPlanner", "compare_state_dict"]
+__all__ = ["SafeLoadPlanner", "compare_state_dict", "mismatch_error"]
 
 
 def compare_state_dict(
@@ -47,6 +47,19 @@ def compare_state_dict(
     return missing, unexpected, mismatched
 
 
+def mismatch_error(missing: list[str], unexpected: list[str], mismatched: dict[str, str]) -> CheckpointMismatchError:
+    """One error listing every difference between a state_dict and a checkpoint."""
+    parts = []
+    if missing:
+        parts.append(f"missing from checkpoint: {missing}")
+    if unexpected:
+        parts.append(f"in checkpoint but not in state_dict: {unexpected}")
+    if mismatched:
+        parts.append("mismatched: " + "; ".join(f"{k}: {v}" for k, v in mismatched.items()))
+    return CheckpointMismatchError("checkpoint does not match the state_dict (" + " | ".join(parts) + ")",
+                                   missing=missing, unexpected=unexpected, mismatched=mismatched)
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """``DefaultLoadPlanner`` with whole-state_dict checks and weights-only object loading.
 
@@ -66,19 +79,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         md = self.metadata.state_dict_metadata
         missing, unexpected, mismatched = compare_state_dict(self.state_dict, md)
         if mismatched or (self.strict and (missing or unexpected)):
-            parts = []
-            if missing:
-                parts.append(f"missing from checkpoint: {missing}")
-            if unexpected and self.strict:
-                parts.append(f"in checkpoint but not in state_dict: {unexpected}")
-            if mismatched:
-                parts.append("mismatched: " + "; ".join(f"{k}: {v}" for k, v in mismatched.items()))
-            raise CheckpointMismatchError(
-                "checkpoint does not match the state_dict (" + " | ".join(parts) + ")",
-                missing=missing,
-                unexpected=unexpected,
-                mismatched=mismatched,
-            )
+            raise mismatch_error(missing, unexpected if self.strict else [], mismatched)
         return create_default_local_load_plan(self.state_dict, self.metadata, strict=False)
 
     def load_object(self, read_item: ReadItem, value: Any) -> None:

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -49,6 +49,8 @@ from .._checksum import crc32c
 from ..errors import CheckpointWriteError
 from ..format.codec import Compression, encode
 from ..format.codec import resolve as resolve_compression
+from ..format.entries import LaidOutShards
+from ..format.index import encode_index, index_name
 from ..format.layout import dtype_name, split_chunks, tensor_bytes
 from ..format.manifest import (
     DATA_DIR,
@@ -65,15 +67,37 @@ from ..staging import Release, StagedTensor
 from ..storage import Storage, open_storage
 from ..store import CheckpointDir
 
-__all__ = ["ShardckptWriter"]
+if TYPE_CHECKING:  # only the type: the writer takes the skeleton its caller planned
+    from .._plan import Skeleton
+
+__all__ = ["ShardckptWriter", "RankWritten", "shard_name", "assigned_target"]
 
 
 @dataclass(frozen=True)
 class _ShardTarget:
-    """Set by the coordinator in step 3: where this rank writes."""
+    """Set by the coordinator in step 3: where this rank writes. With ``index`` (shardckpt's
+    own planning, ``_plan.py``) item ``i`` of the plan is box ``boxes[i]`` of key
+    ``key_nos[i]`` in this rank's index file, or listed in the manifest (box -1)."""
 
     file: str
     probe: str | None = None  # the coordinator's probe token (several ranks)
+    index: str | None = None
+    key_nos: Any = None  # int array, one per plan item
+    boxes: Any = None
+    save_id: str = ""
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class RankWritten:
+    """What a rank reports after writing under shardckpt's planning: the places of its
+    items listed in the manifest, its index, and its files' sizes. Small: an item
+    described in the index does not travel."""
+
+    listed: list[tuple[str, tuple[int, ...], tuple[int, ...] | None, Any]]  # key, offsets, sizes, _Stored
+    index: tuple[str, int, int] | None  # file, size, crc32c
+    files: dict[str, int]
+    max_chunk: int
 
 
 @dataclass(frozen=True)
@@ -306,18 +330,29 @@ class ShardckptWriter(StorageWriter):
 
     # -- step 3
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        probe = self.begin(len(plans))
+        return [dataclasses.replace(p, storage_data=_ShardTarget(shard_name(self._save_id, r), probe))
+                for r, p in enumerate(plans)]
+
+    def begin(self, world_size: int) -> str | None:
+        """[coord] Check/clear the target, pick a fresh save id, write the probe; returns
+        the probe token ranks must see (None for one rank)."""
         ckpt = CheckpointDir(self.storage)
         ckpt.prepare(self.overwrite)
         self._save_id = uuid.uuid4().hex[:16]
-        self.world_size = len(plans)
+        self.world_size = world_size
         # Always written: on object stores it is also what makes a save in progress
         # (or a killed one) visible as an incomplete checkpoint, so it gets cleaned.
         ckpt.write_probe(self._save_id)
-        probe = self._save_id if len(plans) > 1 else None
-        return [
-            dataclasses.replace(p, storage_data=_ShardTarget(f"{DATA_DIR}/{self._save_id}-r{r:05d}.bin", probe))
-            for r, p in enumerate(plans)
-        ]
+        return self._save_id if world_size > 1 else None
+
+    @property
+    def save_id(self) -> str:
+        return self._save_id
+
+    def adopt(self, save_id: str) -> None:
+        """[non-coordinator] The save id the coordinator picked (cleanup, messages)."""
+        self._save_id = save_id
 
     # -- step 4
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
@@ -328,54 +363,84 @@ class ShardckptWriter(StorageWriter):
 
     def write_items(self, plan: SavePlan, resolve: Callable[[WriteItem], Any]) -> list[WriteResult]:
         """Write every item of this rank's plan; ``resolve`` gives an item's tensor or BytesIO."""
+        return [WriteResult(item.index, size, st) for item, size, st in self._write(plan, resolve)]
+
+    def write_assigned(self, plan: SavePlan, resolve: Callable[[WriteItem], Any]) -> RankWritten:
+        """Write this rank's items as ``plan_globally`` assigned them, then its index."""
+        target = plan.storage_data
+        if not isinstance(target, _ShardTarget) or target.key_nos is None:
+            raise CheckpointWriteError("write_assigned called without an assigned plan")
+        # through write_items, in plan order (the one place every save's bytes are written)
+        written = self.write_items(plan, resolve)
+        listed, indexed, files, max_chunk = [], [], {}, 0
+        for item, result, key_no, box in zip(plan.items, written, target.key_nos, target.boxes):
+            st = result.storage_data
+            if st.file is not None:
+                end = st.offset + sum(c.stored_len for c in st.chunks)
+                files[st.file] = max(files.get(st.file, 0), end)
+                max_chunk = max([max_chunk] + [c.raw_len for c in st.chunks])
+            if box >= 0:
+                indexed.append((int(key_no), int(box), BlobRef(st.file, st.offset, st.chunks)))
+            else:
+                td = item.tensor_data
+                listed.append((item.index.fqn, tuple(item.index.offset or ()),
+                               tuple(td.chunk.sizes) if td is not None else None, st))
+        index = None
+        if indexed:
+            data = encode_index(target.save_id, target.rank, indexed)
+            self.storage.put(target.index, data)  # durable (fsynced / uploaded) before the commit
+            index = (target.index, len(data), crc32c(data))
+            files[target.index] = len(data)
+        return RankWritten(listed, index, files, max_chunk)
+
+    def _write(self, plan: SavePlan, resolve: Callable[[WriteItem], Any]) -> list[tuple[WriteItem, int, _Stored]]:
         target = plan.storage_data
         if not isinstance(target, _ShardTarget):
             raise CheckpointWriteError("write_items called without a plan from prepare_global_plan")
         rel = target.file
         if not self._probe_checked:  # driven by dcp.save: check here, before any byte
             self.check_shared(plan, -1 if not torch.distributed.is_initialized() else torch.distributed.get_rank())
-        results: list[WriteResult] = []
-        pending: list[tuple[MetadataIndex, str, bytes]] = []
+        out: dict[int, tuple[WriteItem, int, _Stored]] = {}
+        pending: list[tuple[int, WriteItem, str, bytes]] = []
         tensors = []
-        for item in plan.items:
+        for n, item in enumerate(plan.items):
             key = item.index.fqn
             if item.type == WriteItemType.BYTE_IO:
                 enc, payload, value = encode_object(key, resolve_object(resolve, item))
                 if enc == "json" and len(payload) <= INLINE_LIMIT:
-                    results.append(WriteResult(item.index, 0, _Stored(None, 0, (), "json", value)))
+                    out[n] = (item, 0, _Stored(None, 0, (), "json", value))
                 else:
-                    pending.append((item.index, enc, payload))
+                    pending.append((n, item, enc, payload))
             else:
-                tensors.append(item)
-        if not tensors and not pending:
-            return results
-        k = knobs.get()
-        # Object stores: several whole objects per rank, so uploads and downloads are
-        # many parallel requests (local files: one per rank, written front to back).
-        roll = k.object_bytes if self.storage.capabilities.remote else 0
-        shards = _RollingShard(self.storage, rel, k.chunk_bytes, self.compression, roll)
-        try:
-            for item in tensors:
-                t = resolve(item)
-                try:
-                    dtype_name(t.dtype)
-                except TypeError as e:
-                    raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
-                pieces = t.pieces if isinstance(t, StagedTensor) else [(tensor_bytes(t), None)]
-                floating = t.dtype.is_floating_point or t.dtype.is_complex
-                shard = shards.next_blob(t.nbytes if isinstance(t, StagedTensor) else t.numel() * t.element_size())
-                offset, chunks = shard.append(pieces, t.dtype.itemsize, floating=floating)
-                results.append(WriteResult(item.index, shard.pos - offset, _Stored(shard.rel, offset, chunks)))
-            for index, enc, payload in pending:
-                # objects stay raw: their size is then bounded by the file's on load
-                shard = shards.next_blob(len(payload))
-                offset, chunks = shard.append([(memoryview(payload), None)], compress=False)
-                results.append(WriteResult(index, len(payload), _Stored(shard.rel, offset, chunks, enc)))
-            shards.close()
-        except BaseException:
-            shards.abort()
-            raise
-        return results
+                tensors.append((n, item))
+        if tensors or pending:
+            k = knobs.get()
+            # Object stores: several whole objects per rank, so uploads and downloads are
+            # many parallel requests (local files: one per rank, written front to back).
+            roll = k.object_bytes if self.storage.capabilities.remote else 0
+            shards = _RollingShard(self.storage, rel, k.chunk_bytes, self.compression, roll)
+            try:
+                for n, item in tensors:
+                    t = resolve(item)
+                    try:
+                        dtype_name(t.dtype)
+                    except TypeError as e:
+                        raise CheckpointWriteError(f"key {item.index.fqn!r}: {e}", key=item.index.fqn) from None
+                    pieces = t.pieces if isinstance(t, StagedTensor) else [(tensor_bytes(t), None)]
+                    floating = t.dtype.is_floating_point or t.dtype.is_complex
+                    shard = shards.next_blob(t.nbytes if isinstance(t, StagedTensor) else t.numel() * t.element_size())
+                    offset, chunks = shard.append(pieces, t.dtype.itemsize, floating=floating)
+                    out[n] = (item, shard.pos - offset, _Stored(shard.rel, offset, chunks))
+                for n, item, enc, payload in pending:
+                    # objects stay raw: their size is then bounded by the file's on load
+                    shard = shards.next_blob(len(payload))
+                    offset, chunks = shard.append([(memoryview(payload), None)], compress=False)
+                    out[n] = (item, len(payload), _Stored(shard.rel, offset, chunks, enc))
+                shards.close()
+            except BaseException:
+                shards.abort()
+                raise
+        return [out[n] for n in range(len(plan.items))]
 
     # -- step 5
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -421,12 +486,70 @@ class ShardckptWriter(StorageWriter):
         ckpt.commit(manifest)
         ckpt.remove_unreferenced(files)
 
+    def commit_assigned(self, skeleton: Skeleton, written: list[RankWritten]) -> None:
+        """[coord] The manifest of a save planned by ``plan_globally``: laid-out keys from
+        the skeleton (their slices in the ranks' indexes), the rest from what ranks listed."""
+        listed: dict[str, list[tuple[tuple[int, ...], tuple[int, ...] | None, _Stored]]] = {}
+        files: dict[str, int] = {}
+        indexes: dict[int, tuple[str, int]] = {}
+        for rank, w in enumerate(written):
+            for key, offsets, sizes, st in w.listed:
+                listed.setdefault(key, []).append((offsets, sizes, st))
+            for rel, size in w.files.items():
+                files[rel] = max(files.get(rel, 0), size)
+            if w.index is not None:
+                indexes[rank] = (w.index[0], w.index[2])
+        entries: dict[str, Entry] = {}
+        for key, spec, layout in zip(skeleton.keys, skeleton.specs, skeleton.layouts):
+            kind, dtype, shape, key_path = spec
+            got = listed.get(key, [])
+            if layout is not None:
+                entries[key] = TensorEntry(dtype, shape, LaidOutShards(key, layout), key_path, layout=layout)
+            elif kind == "t":
+                if not got or any(st.file is None for _, _, st in got):
+                    raise CheckpointWriteError(f"no rank wrote key {key!r}", key=key)
+                shards = sorted((TensorShard(o, z if z is not None else shape, BlobRef(st.file, st.offset, st.chunks))
+                                 for o, z, st in got), key=lambda t: t.offsets)
+                entries[key] = TensorEntry(dtype, shape, tuple(shards), key_path)
+            else:
+                if len(got) != 1:
+                    raise CheckpointWriteError(f"{len(got)} ranks wrote key {key!r}", key=key)
+                st = got[0][2]
+                blob = None if st.file is None else BlobRef(st.file, st.offset, st.chunks)
+                entries[key] = ObjectEntry(st.encoding, key_path, value=st.inline, blob=blob)  # type: ignore[arg-type]
+        manifest = Manifest(
+            save_id=self._save_id,
+            world_size=skeleton.world_size,
+            created_unix=time.time(),
+            chunk_bytes=max([knobs.get().chunk_bytes] + [w.max_chunk for w in written]),
+            files=dict(sorted(files.items())),
+            entries=entries,
+            library=_library_versions(),
+            metadata=self.user_metadata,
+            version=2 if indexes else 1,
+            indexes=indexes,
+        )
+        ckpt = CheckpointDir(self.storage)
+        ckpt.commit(manifest)
+        ckpt.remove_unreferenced(files)
+
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+def assigned_target(save_id: str, rank: int, probe: str | None, key_nos: Any, boxes: Any) -> _ShardTarget:
+    """Where rank ``rank`` writes under shardckpt's planning (an index only if it has boxes)."""
+    has_boxes = boxes is not None and len(boxes) and (boxes >= 0).any()
+    return _ShardTarget(shard_name(save_id, rank), probe, index_name(save_id, rank) if has_boxes else "",
+                        key_nos, boxes, save_id, rank)
+
+
+def shard_name(save_id: str, rank: int) -> str:
+    return f"{DATA_DIR}/{save_id}-r{rank:05d}.bin"
 
 
 def _library_versions() -> dict[str, str]:
