@@ -141,6 +141,15 @@ class Group:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
 
+    def min_over_ranks(self, step: str, values: list[int], default_error: type[ShardckptError]) -> list[int]:
+        """Element-wise minimum of every rank's ``values`` (int64s), on every rank."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64)
+        with self.guard(step, default_error):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return [int(x) for x in t.tolist()]
+
     def _coord(self) -> int:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 

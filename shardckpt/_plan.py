@@ -29,7 +29,7 @@ from .errors import CheckpointWriteError
 from .format.grid import Layout, detect_layout
 from .format.layout import DTYPES, dtype_name
 
-__all__ = ["Summary", "Assignment", "Skeleton", "KeySpec", "summarize", "plan_globally"]
+__all__ = ["Summary", "Assignment", "Skeleton", "KeySpec", "summarize", "make_summary", "structure_hash", "plan_globally"]
 
 #: A key's structure: (kind "t"/"o", dtype name or "", global shape, key path).
 KeySpec = tuple[str, str, tuple[int, ...], tuple[Any, ...]]
@@ -44,10 +44,9 @@ class Summary:
     specs: tuple[KeySpec, ...]
     offsets: np.ndarray  # (items, D) int64, zero-padded past a tensor's ndim
     sizes: np.ndarray  # (items, D)
-
-    @property
-    def structure_hash(self) -> bytes:
-        return hashlib.blake2b(repr((self.keys, self.specs)).encode(), digest_size=16).digest()
+    #: of ``keys`` and ``specs``: computed by the rank (in parallel), so the coordinator
+    #: groups ranks by structure without hashing every rank's
+    structure_hash: bytes = b""
 
     def digest(self) -> bytes:
         """Structure and boxes: equal digests mean the same local plan (plan caching)."""
@@ -109,7 +108,12 @@ def make_summary(keys: Sequence[str], specs: Sequence[KeySpec],
     for i, (o, s) in enumerate(boxes):
         off[i, :len(o)] = o
         siz[i, :len(s)] = s
-    return Summary(tuple(keys), tuple(specs), off, siz)
+    keys, specs = tuple(keys), tuple(specs)
+    return Summary(keys, specs, off, siz, structure_hash(keys, specs))
+
+
+def structure_hash(keys: tuple[str, ...], specs: tuple[KeySpec, ...]) -> bytes:
+    return hashlib.blake2b(repr((keys, specs)).encode(), digest_size=16).digest()
 
 
 def plan_globally(summaries: Sequence[Summary]) -> tuple[list[Assignment], Skeleton]:
@@ -181,8 +185,7 @@ def _tensor_key(key: str, spec: KeySpec, ranks: np.ndarray, off: np.ndarray, siz
     if box_rows.shape[1] == 0:  # 0-d tensors: every copy is the one box
         uniq, first, inverse = box_rows[:1], np.zeros(1, dtype=np.int64), np.zeros(len(live), dtype=np.int64)
     else:
-        uniq, first, inverse = np.unique(box_rows, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        uniq, first, inverse = _unique_boxes(box_rows, spec[2])
     nbytes = volume[live][first] * DTYPES[spec[1]].itemsize
     writer_rows = _pick(inverse, ranks[live], nbytes, loads, key_no)
     if len(live) > len(uniq):
@@ -202,6 +205,24 @@ def _tensor_key(key: str, spec: KeySpec, ranks: np.ndarray, off: np.ndarray, siz
         return None, keep, np.full(len(keep), -1)
     layout, order = found
     return layout, keep, order
+
+
+def _unique_boxes(rows: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(rows, axis=0)`` (sorted rows, first index, inverse), fast: boxes are
+    keyed by their offsets as one integer (mixed radix over the shape), and rows
+    sharing offsets must then share sizes too; else the general row-wise unique."""
+    d = len(shape)
+    radix = [n + 1 for n in shape]
+    if math.prod(radix) < 2**62:
+        key = np.zeros(len(rows), dtype=np.int64)
+        for k in range(d):
+            key = key * radix[k] + rows[:, k]
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        if (rows[first][inverse] == rows).all():
+            return rows[first], first, inverse
+    uniq, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return uniq, first, inverse.reshape(-1)
 
 
 def _pick(inverse: np.ndarray, holders: np.ndarray, nbytes: np.ndarray, loads: np.ndarray,
@@ -256,7 +277,8 @@ def _check_disjoint(key: str, off: np.ndarray, siz: np.ndarray) -> None:
 def _split_by_rank(world: int, parts: list[Any], replicated: list[Any]) -> list[Assignment]:
     cols = [np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, dtype=np.int64) for c in range(4)]
     ranks, pos, key_nos, boxes = cols
-    order = np.lexsort((pos, ranks))
+    # by rank only (a stable radix sort): within a rank, items stay in key order
+    order = np.argsort(ranks, kind="stable")
     ranks, pos, key_nos, boxes = ranks[order], pos[order], key_nos[order], boxes[order]
     cut = np.searchsorted(ranks, np.arange(world + 1))
     rep_r = np.concatenate([r for r, _ in replicated]) if replicated else np.zeros(0, dtype=np.int64)

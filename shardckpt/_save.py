@@ -43,8 +43,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.stateful import Stateful
 
-from . import knobs
-from ._dist import Group
+from . import _plan_cache, knobs
+from ._dist import Group, _attempt, _Failed
 from ._plan import Assignment, Skeleton, Summary, plan_globally, summarize
 from ._replicas import (
     CheckReplicas,
@@ -138,32 +138,27 @@ def plan_save(
 ) -> PlannedSave:
     planner = DefaultSavePlanner()
     state_dict = flatten_stateful(state_dict)
-    skeleton: list[Skeleton] = []
-    summaries: list[Summary] = []  # coordinator: every rank's local summary
-    mine_local: list[SavePlan] = []  # this rank's local plan: positions index into it
-    replicated_of: list[tuple[int, ...]] = []  # coordinator: per rank, positions others hold too
 
-    def local() -> Summary:
+    def local() -> tuple[SavePlan, Summary]:
         planner.set_up_planner(state_dict, storage_meta=writer.storage_meta(), is_coordinator=group.is_coordinator)
         writer.set_up_storage_writer(group.is_coordinator)
-        mine_local.append(writer.prepare_local_plan(planner.create_local_plan()))
-        return summarize(mine_local[0])
+        plan = writer.prepare_local_plan(planner.create_local_plan())
+        return plan, summarize(plan)
 
-    def coordinate(gathered: list[Summary]) -> list[tuple[Assignment, str, str | None, bool]]:
-        summaries.extend(gathered)
-        assignments, skel = plan_globally(gathered)
-        replicated_of.extend(a.replicated for a in assignments)
-        skeleton.append(skel)
-        probe = writer.begin(len(gathered))
-        # any: whether there is anything to compare (else step 3 gathers only a status)
-        replicated = check_replicas != "off" and any(a.replicated for a in assignments)
-        return [(a, writer.save_id, probe, replicated) for a in assignments]
-
+    mine = _attempt(local)  # a failure is reported by the full planning's gather
     with _abandon_on_failure(writer, group):
-        assignment, save_id, probe, replicated = group.gather_scatter("planning the save", local, coordinate,
-                                                                      CheckpointWriteError)
+        cached = _plan_cache.lookup(group, None if isinstance(mine, _Failed) else mine[1].digest())
+        if cached is None:
+            cached, save_id, probe = _plan_fully(mine, writer, group)
+        else:  # same structure on every rank: only the per-save parts (target, id, probe)
+            def begin(_: list[None]) -> tuple[str, str | None]:
+                probe = writer.begin(group.world_size)
+                return writer.save_id, probe
+
+            save_id, probe = group.gather_broadcast("planning the save", lambda: None, begin,
+                                                    CheckpointWriteError)
         writer.adopt(save_id)
-        local_plan = mine_local[0]
+        local_plan, assignment = mine[0], cached.assignment  # type: ignore[index]
         plan = planner.finish_plan(SavePlan(
             [local_plan.items[int(p)] for p in assignment.positions],
             storage_data=assigned_target(save_id, group.rank, probe, assignment.key_nos, assignment.boxes),
@@ -174,19 +169,46 @@ def plan_save(
             return fingerprints(planner, local_plan, assignment.replicated)
 
         def compare(crcs: list[list[int]]) -> str | None:
-            held = [[replica_key(s, p) for p in pos] for s, pos in zip(summaries, replicated_of)]
+            assert cached is not None and cached.summaries is not None and cached.replicated_of is not None
+            held = [[replica_key(s, p) for p in pos] for s, pos in zip(cached.summaries, cached.replicated_of)]
             found = divergence_of(held, crcs)
             if found is not None and check_replicas == "error":
                 raise CheckpointWriteError(found.message(), key=next(iter(found.keys)))
             return found.message() if found is not None else None
 
-        if not replicated:
+        if check_replicas == "off" or not cached.any_replicated:
             group.run("planning the save", lambda: writer.check_shared(plan, group.rank), CheckpointWriteError)
         else:
             warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
             if warning is not None and group.is_coordinator:
                 warnings.warn(warning, ReplicaDivergenceWarning, stacklevel=3)
-    return PlannedSave(writer, planner, plan, skeleton[0] if skeleton else None)
+    return PlannedSave(writer, planner, plan, cached.skeleton)
+
+
+def _plan_fully(mine: Any, writer: ShardckptWriter, group: Group) -> tuple[_plan_cache.CachedPlan, str, str | None]:
+    """Gather every rank's summary, plan globally, scatter the assignments; cache the result."""
+    kept: list[Any] = []  # coordinator: the skeleton and the summaries
+
+    def local() -> Summary:
+        if isinstance(mine, _Failed):
+            raise mine.exc
+        return mine[1]
+
+    def coordinate(gathered: list[Summary]) -> list[tuple[Assignment, str, str | None, bool, int]]:
+        assignments, skel = plan_globally(gathered)
+        kept.extend([skel, tuple(gathered), assignments])
+        probe = writer.begin(len(gathered))
+        any_rep = any(a.replicated for a in assignments)
+        generation = _plan_cache.new_generation()
+        return [(a, writer.save_id, probe, any_rep, generation) for a in assignments]
+
+    assignment, save_id, probe, any_rep, generation = group.gather_scatter(
+        "planning the save", local, coordinate, CheckpointWriteError)
+    cached = _plan_cache.CachedPlan(
+        mine[1].digest(), generation, assignment, any_rep, kept[0] if kept else None,
+        kept[1] if kept else None, tuple(a.replicated for a in kept[2]) if kept else None)
+    _plan_cache.remember(group, cached)
+    return cached, save_id, probe
 
 
 @contextmanager

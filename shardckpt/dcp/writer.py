@@ -69,7 +69,7 @@ from ._shards import RollingShard
 if TYPE_CHECKING:  # only the type: the writer takes the skeleton its caller planned
     from .._plan import Skeleton
 
-__all__ = ["ShardckptWriter", "RankWritten", "shard_name", "assigned_target"]
+__all__ = ["ShardckptWriter", "RankWritten", "shard_name", "assigned_target", "build_manifest"]
 
 
 @dataclass(frozen=True)
@@ -347,51 +347,11 @@ class ShardckptWriter(StorageWriter):
         ckpt.remove_unreferenced(files)
 
     def commit_assigned(self, skeleton: Skeleton, written: list[RankWritten]) -> None:
-        """[coord] The manifest of a save planned by ``plan_globally``: laid-out keys from
-        the skeleton (their slices in the ranks' indexes), the rest from what ranks listed."""
-        listed: dict[str, list[tuple[tuple[int, ...], tuple[int, ...] | None, _Stored]]] = {}
-        files: dict[str, int] = {}
-        indexes: dict[int, tuple[str, int]] = {}
-        for rank, w in enumerate(written):
-            for key, offsets, sizes, st in w.listed:
-                listed.setdefault(key, []).append((offsets, sizes, st))
-            for rel, size in w.files.items():
-                files[rel] = max(files.get(rel, 0), size)
-            if w.index is not None:
-                indexes[rank] = (w.index[0], w.index[2])
-        entries: dict[str, Entry] = {}
-        for key, spec, layout in zip(skeleton.keys, skeleton.specs, skeleton.layouts):
-            kind, dtype, shape, key_path = spec
-            got = listed.get(key, [])
-            if layout is not None:
-                entries[key] = TensorEntry(dtype, shape, LaidOutShards(key, layout), key_path, layout=layout)
-            elif kind == "t":
-                if not got or any(st.file is None for _, _, st in got):
-                    raise CheckpointWriteError(f"no rank wrote key {key!r}", key=key)
-                shards = sorted((TensorShard(o, z if z is not None else shape, BlobRef(st.file, st.offset, st.chunks))
-                                 for o, z, st in got), key=lambda t: t.offsets)
-                entries[key] = TensorEntry(dtype, shape, tuple(shards), key_path)
-            else:
-                if len(got) != 1:
-                    raise CheckpointWriteError(f"{len(got)} ranks wrote key {key!r}", key=key)
-                st = got[0][2]
-                blob = None if st.file is None else BlobRef(st.file, st.offset, st.chunks)
-                entries[key] = ObjectEntry(st.encoding, key_path, value=st.inline, blob=blob)  # type: ignore[arg-type]
-        manifest = Manifest(
-            save_id=self._save_id,
-            world_size=skeleton.world_size,
-            created_unix=time.time(),
-            chunk_bytes=max([knobs.get().chunk_bytes] + [w.max_chunk for w in written]),
-            files=dict(sorted(files.items())),
-            entries=entries,
-            library=_library_versions(),
-            metadata=self.user_metadata,
-            version=2 if indexes else 1,
-            indexes=indexes,
-        )
+        """[coord] Commit the manifest of a save planned by ``plan_globally``."""
+        manifest = build_manifest(skeleton, written, self._save_id, self.user_metadata)
         ckpt = CheckpointDir(self.storage)
         ckpt.commit(manifest)
-        ckpt.remove_unreferenced(files)
+        ckpt.remove_unreferenced(manifest.files)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
@@ -399,6 +359,53 @@ class ShardckptWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+def build_manifest(skeleton: Skeleton, written: list[RankWritten], save_id: str,
+                   user_metadata: dict[str, Any]) -> Manifest:
+    """The manifest of a save planned by ``plan_globally``: laid-out keys from the
+skeleton (their slices in the ranks' indexes), the rest from what ranks listed."""
+    listed: dict[str, list[tuple[tuple[int, ...], tuple[int, ...] | None, _Stored]]] = {}
+    files: dict[str, int] = {}
+    indexes: dict[int, tuple[str, int]] = {}
+    for rank, w in enumerate(written):
+        for key, offsets, sizes, st in w.listed:
+            listed.setdefault(key, []).append((offsets, sizes, st))
+        for rel, size in w.files.items():
+            files[rel] = max(files.get(rel, 0), size)
+        if w.index is not None:
+            indexes[rank] = (w.index[0], w.index[2])
+    entries: dict[str, Entry] = {}
+    for key, spec, layout in zip(skeleton.keys, skeleton.specs, skeleton.layouts):
+        kind, dtype, shape, key_path = spec
+        got = listed.get(key, [])
+        if layout is not None:
+            entries[key] = TensorEntry(dtype, shape, LaidOutShards(key, layout), key_path, layout=layout)
+        elif kind == "t":
+            if not got or any(st.file is None for _, _, st in got):
+                raise CheckpointWriteError(f"no rank wrote key {key!r}", key=key)
+            shards = sorted((TensorShard(o, z if z is not None else shape, BlobRef(st.file, st.offset, st.chunks))
+                             for o, z, st in got), key=lambda t: t.offsets)
+            entries[key] = TensorEntry(dtype, shape, tuple(shards), key_path)
+        else:
+            if len(got) != 1:
+                raise CheckpointWriteError(f"{len(got)} ranks wrote key {key!r}", key=key)
+            st = got[0][2]
+            blob = None if st.file is None else BlobRef(st.file, st.offset, st.chunks)
+            entries[key] = ObjectEntry(st.encoding, key_path, value=st.inline, blob=blob)  # type: ignore[arg-type]
+    manifest = Manifest(
+        save_id=save_id,
+        world_size=skeleton.world_size,
+        created_unix=time.time(),
+        chunk_bytes=max([knobs.get().chunk_bytes] + [w.max_chunk for w in written]),
+        files=dict(sorted(files.items())),
+        entries=entries,
+        library=_library_versions(),
+        metadata=user_metadata,
+        version=2 if indexes else 1,
+        indexes=indexes,
+    )
+    return manifest
 
 
 def assigned_target(save_id: str, rank: int, probe: str | None, key_nos: Any, boxes: Any) -> _ShardTarget:

@@ -31,28 +31,41 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Grid:
-    """Per dimension the cut points ``0 = c0 < c1 < ... < ck = size``."""
+    """Per dimension either a block size (cells of ``block`` elements, the last one
+    shorter) or the cut points ``0 = c0 < c1 < ... < ck = size``. Block dims keep no
+    cut list: a grid over N ranks costs O(1) to hold and to decode."""
 
-    cuts: tuple[tuple[int, ...], ...]
-    blocks: tuple[int | None, ...]  # the block size where a dim's cuts are regular (encoding)
+    shape: tuple[int, ...]
+    blocks: tuple[int | None, ...]
+    cuts: tuple[tuple[int, ...] | None, ...]  # None where the dim is a block
 
     @classmethod
     def make(cls, cuts: Sequence[Sequence[int]]) -> Grid:
         blocks: list[int | None] = []
+        lists: list[tuple[int, ...] | None] = []
         for c in cuts:
             first = c[1] - c[0]
             # regular: every cell but the last is `first` long, the last no longer
             regular = all(b - a == first for a, b in zip(c[:-2], c[1:-1])) and c[-1] - c[-2] <= first
             blocks.append(first if regular else None)
-        return cls(tuple(tuple(c) for c in cuts), tuple(blocks))
+            lists.append(None if regular else tuple(c))
+        return cls(tuple(c[-1] for c in cuts), tuple(blocks), tuple(lists))
 
     @property
     def counts(self) -> tuple[int, ...]:
-        return tuple(len(c) - 1 for c in self.cuts)
+        return tuple(-(-n // b) if b else len(c) - 1  # type: ignore[arg-type]
+                     for n, b, c in zip(self.shape, self.blocks, self.cuts))
 
     @property
     def num_boxes(self) -> int:
         return math.prod(self.counts)
+
+    def _cell(self, d: int, i: int) -> tuple[int, int]:
+        b, c = self.blocks[d], self.cuts[d]
+        if b:
+            return i * b, min(b, self.shape[d] - i * b)
+        assert c is not None
+        return c[i], c[i + 1] - c[i]
 
     def box(self, j: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(offsets, sizes)`` of box ``j`` (row-major over the cells)."""
@@ -61,22 +74,24 @@ class Grid:
             j, r = divmod(j, n)
             cells.append(r)
         cells.reverse()
-        return (tuple(c[i] for c, i in zip(self.cuts, cells)),
-                tuple(c[i + 1] - c[i] for c, i in zip(self.cuts, cells)))
+        got = [self._cell(d, i) for d, i in enumerate(cells)]
+        return tuple(o for o, _ in got), tuple(n for _, n in got)
 
     def overlapping(self, offsets: Sequence[int], sizes: Sequence[int]) -> Iterator[int]:
         """Ordinals of the boxes that intersect the region (arithmetic, not a scan)."""
         ranges = []
-        for c, b, lo, n in zip(self.cuts, self.blocks, offsets, sizes):
-            if n <= 0:
+        counts = self.counts
+        for d, (lo, n) in enumerate(zip(offsets, sizes)):
+            if n <= 0 or lo >= self.shape[d]:
                 return
             hi = lo + n
+            b, c = self.blocks[d], self.cuts[d]
             if b:
-                first, last = lo // b, min((hi - 1) // b, len(c) - 2)
+                first, last = lo // b, min((hi - 1) // b, counts[d] - 1)
             else:
-                first, last = bisect.bisect_right(c, lo) - 1, bisect.bisect_left(c, hi) - 1
+                assert c is not None
+                first, last = bisect.bisect_right(c, lo) - 1, min(bisect.bisect_left(c, hi) - 1, counts[d] - 1)
             ranges.append(range(first, last + 1))
-        counts = self.counts
         for cell in itertools.product(*ranges):
             j = 0
             for i, n in zip(cell, counts):
@@ -84,29 +99,32 @@ class Grid:
             yield j
 
     def to_json(self) -> list[Any]:
-        return [b if b is not None else list(c) for c, b in zip(self.cuts, self.blocks)]
+        return [b if b is not None else list(c or ()) for c, b in zip(self.cuts, self.blocks)]
 
     @classmethod
     def from_json(cls, doc: Any, shape: Sequence[int]) -> Grid:
         if not isinstance(doc, list) or len(doc) != len(shape) or not shape:
             raise LayoutError(f"grid must list one cut spec per dimension of {list(shape)}")
-        cuts = []
+        blocks: list[int | None] = []
+        lists: list[tuple[int, ...] | None] = []
         for d, (spec, n) in enumerate(zip(doc, shape)):
             if isinstance(spec, int) and not isinstance(spec, bool):
                 if spec <= 0 or n <= 0:
                     raise LayoutError(f"grid dim {d}: block {spec} of a dimension of size {n}")
-                c = list(range(0, n, spec)) + [n]
+                blocks.append(spec)
+                lists.append(None)
             elif isinstance(spec, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
                 c = spec
                 if len(c) < 2 or c[0] != 0 or c[-1] != n or any(b <= a for a, b in zip(c, c[1:])):
                     raise LayoutError(f"grid dim {d}: cuts must rise strictly from 0 to {n}")
+                # one encoding per grid (the manifest stays canonical): regular cuts are a block
+                if cls.make([c]).blocks[0] is not None:
+                    raise LayoutError(f"grid dim {d}: regular cuts must be written as a block size")
+                blocks.append(None)
+                lists.append(tuple(c))
             else:
                 raise LayoutError(f"grid dim {d}: expected a block size or a list of cuts")
-            cuts.append(c)
-        grid = cls.make(cuts)
-        if grid.to_json() != doc:  # one encoding per grid: the manifest stays canonical
-            raise LayoutError("grid is not in its canonical encoding")
-        return grid
+        return cls(tuple(shape), tuple(blocks), tuple(lists))
 
 
 @dataclass(frozen=True)
@@ -183,17 +201,23 @@ def detect_layout(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray,
     m, ndim = offsets.shape
     if m == 0 or ndim == 0 or ndim != len(shape):
         return None
-    cuts, cells = [], []
+    blocks: list[int | None] = []
+    lists: list[tuple[int, ...] | None] = []
+    counts, cells = [], []
     for d in range(ndim):
         c = np.unique(np.concatenate([offsets[:, d], [shape[d]]]))
-        if c[0] != 0 or c[-1] != shape[d]:
+        if c[0] != 0 or c[-1] != shape[d] or len(c) < 2:
             return None
         i = np.searchsorted(c, offsets[:, d])
-        if not (c[np.minimum(i + 1, len(c) - 1)] - offsets[:, d] == sizes[:, d]).all() or (i + 1 >= len(c)).any():
+        if (i + 1 >= len(c)).any() or not (c[i + 1] - offsets[:, d] == sizes[:, d]).all():
             return None
-        cuts.append([int(x) for x in c])
+        steps = np.diff(c)
+        # regular (every cell but the last `steps[0]` long): a block size, no cut list
+        regular = bool((steps[:-1] == steps[0]).all() and steps[-1] <= steps[0])
+        blocks.append(int(steps[0]) if regular else None)
+        lists.append(None if regular else tuple(int(x) for x in c))
+        counts.append(len(c) - 1)
         cells.append(i)
-    counts = [len(c) - 1 for c in cuts]
     if math.prod(counts) != m:
         return None
     order = np.zeros(m, dtype=np.int64)
@@ -203,4 +227,5 @@ def detect_layout(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray,
         return None
     by_ordinal = np.empty(m, dtype=np.int64)
     by_ordinal[order] = writers
-    return Layout(Grid.make(cuts), Writers.of_array(by_ordinal)), order
+    grid = Grid(tuple(int(x) for x in shape), tuple(blocks), tuple(lists))
+    return Layout(grid, Writers.of_array(by_ordinal)), order

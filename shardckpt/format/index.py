@@ -93,6 +93,21 @@ class Indexes:
         for rank in sorted(self.by_rank):
             self._index(rank)
 
+    def damaged(self) -> dict[int, CorruptCheckpointError]:
+        """Every index that does not decode, by writer rank (verify reports them all;
+        read failures still raise ``CheckpointReadError``)."""
+        out = {}
+        writers = {e.layout.writers.of(j) for e in self._entries.values()
+                   if isinstance(e, TensorEntry) and e.layout is not None
+                   for j in ([0] if e.layout.writers.ranks is None and e.layout.writers.step == 0
+                             else range(e.layout.grid.num_boxes))}
+        for rank in sorted(set(self.by_rank) | writers):
+            try:
+                self._index(rank)
+            except CorruptCheckpointError as e:
+                out[rank] = e
+        return out
+
     def _index(self, rank: int) -> dict[tuple[int, int], TensorShard]:
         with self._lock:
             done = self._cache.get(rank)

@@ -5,6 +5,7 @@ would pass a CRC-only check and fail ``load``)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -31,10 +32,14 @@ class VerifyReport:
     manifest: Manifest = field(repr=False)
 
 
-def _blobs(m: Manifest) -> list[tuple[str, BlobRef]]:
+def _blobs(m: Manifest, broken: Collection[int] = ()) -> list[tuple[str, BlobRef]]:
+    """Every stored blob, except those described by the ``broken`` ranks' indexes."""
     out = []
     for key, e in m.entries.items():
-        if isinstance(e, TensorEntry):
+        if isinstance(e, TensorEntry) and e.layout is not None:
+            w = e.layout.writers
+            out += [(key, e.shards[j].blob) for j in range(e.num_shards) if w.of(j) not in broken]
+        elif isinstance(e, TensorEntry):
             out += [(key, s.blob) for s in e.shards]
         elif isinstance(e, ObjectEntry) and e.blob is not None:
             out.append((key, e.blob))
@@ -58,6 +63,8 @@ def verify_dir(ckpt: CheckpointDir, share: tuple[int, int] = (0, 1)) -> VerifyRe
     wrong_size = ckpt.size_mismatches(manifest.files)
     damaged = [CorruptCheckpointError(f"{rel}: {why}", file=rel) for rel, why in wrong_size.items()]
     good_files = set(manifest.files) - set(wrong_size)
+    broken = manifest.source.damaged() if manifest.source is not None else {}
+    damaged += [e for r, e in sorted(broken.items()) if e.file not in wrong_size]
 
     def check(job: tuple[str, BlobRef]) -> tuple[int, int, list[CorruptCheckpointError]]:
         key, blob = job
@@ -93,7 +100,7 @@ def verify_dir(ckpt: CheckpointDir, share: tuple[int, int] = (0, 1)) -> VerifyRe
     index, count = share
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ValueError(f"share must be (i, n) with 0 <= i < n, got {share!r}")
-    jobs = [j for j in _blobs(manifest) if j[1].file in good_files][index::count]
+    jobs = [j for j in _blobs(manifest, broken) if j[1].file in good_files][index::count]
     chunks = nbytes = 0
     with ThreadPoolExecutor(max_workers=knobs.get().io_threads) as pool:
         for n, b, errs in [f.result() for f in [pool.submit(knobs.bind(lambda j=j: check(j))) for j in jobs]]:
