@@ -15,16 +15,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import _async, knobs
 from ._async import AsyncSaveHandle, Busy
 from ._dist import Group, raise_gathered
+from ._load import load_state_dict
 from ._replicas import CheckReplicas
 from ._save import SaveRequest, plan_save, typed_save_errors, write_and_commit
-from .dcp.planner import SafeLoadPlanner
-from .dcp.reader import ShardckptReader
 from .errors import CheckpointReadError, ShardckptError
 from .format.codec import Compression
 from .storage import open_storage
@@ -151,27 +149,18 @@ def load(
     Tensors (plain, DTensor, ShardedTensor) are filled in place; other values are
     replaced. Every chunk's CRC32C is checked before its bytes reach a tensor.
     ``strict=False`` skips keys present on only one side (shape/dtype mismatches
-    still raise ``CheckpointMismatchError``).
+    still raise ``CheckpointMismatchError``). On several ranks, a piece more than
+    one rank loads (DDP replicas, ``Replicate()``) is read from storage once and
+    sent over ``process_group`` (remote backends; see ``knobs.shared_reads``).
     """
     group = Group(process_group)
     opts = dict(storage_options) if storage_options is not None else None
-    # Each rank reads the manifest itself; only success/failure is gathered.
-    manifest = group.run("reading the manifest", lambda: CheckpointDir.at(path, opts).read_manifest(),
-                         CheckpointReadError)
-    reader = ShardckptReader(path, manifest=manifest, storage_options=opts)
     try:
-        # dcp.load's collectives are bounded and typed like ours (a lost peer).
-        with group.guard(f"load from {os.fspath(path)}", CheckpointReadError, lost_contact=False), \
-                _dcp_quiet(group):
-            dcp.load(
-                state_dict,
-                storage_reader=reader,
-                planner=SafeLoadPlanner(strict=strict),
-                process_group=process_group,
-                no_dist=not group.enabled,
-            )
-    except CheckpointException as e:
-        _reraise(e, f"load from {os.fspath(path)}", CheckpointReadError, group)
+        load_state_dict(state_dict, path, strict, group, process_group, opts)
+    except ShardckptError:
+        raise
+    except Exception as e:  # single process: what no rank gathered still gets the load's type
+        raise CheckpointReadError(f"load from {os.fspath(path)} failed: {type(e).__name__}: {e}") from e
 
 
 def verify(path: PathLike, *, storage_options: StorageOptions = None) -> VerifyReport:

@@ -35,6 +35,20 @@ def _env_int(name: str, default: int, allow_zero: bool = False) -> int:
     return value
 
 
+#: Knobs that take one of a few words instead of a number.
+_CHOICES: dict[str, tuple[str, ...]] = {"shared_reads": ("auto", "on", "off")}
+
+
+def _env_choice(name: str, default: str) -> str:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    choices = _CHOICES[name.removeprefix("SHARDCKPT_").lower()]
+    if raw.lower() not in choices:
+        raise ValueError(f"environment variable {name}={raw!r} must be one of {list(choices)}")
+    return raw.lower()
+
+
 @dataclass(frozen=True)
 class Knobs:
     #: Size of one stored chunk (before encoding). Each chunk has its own CRC32C,
@@ -68,6 +82,11 @@ class Knobs:
     #: error on the others, instead of torch's 30-minute default. It must exceed the
     #: longest time one rank can spend writing or reading its share beyond the others.
     collective_timeout_s: int = 600
+    #: Multi-rank loads: a replicated piece (DDP replicas, ``Replicate()`` placements) is
+    #: read from storage by one rank and sent to the others over the process group.
+    #: ``"auto"``: on remote backends (storage slower than the interconnect), not on
+    #: local ones; ``"on"``: on every backend; ``"off"``: every rank reads all it loads.
+    shared_reads: str = "auto"
 
     @staticmethod
     def from_env() -> Knobs:
@@ -86,6 +105,7 @@ class Knobs:
             retry_base_ms=_env_int("SHARDCKPT_RETRY_BASE_MS", d.retry_base_ms, allow_zero=True),
             retry_max_seconds=_env_int("SHARDCKPT_RETRY_MAX_SECONDS", d.retry_max_seconds),
             collective_timeout_s=_env_int("SHARDCKPT_COLLECTIVE_TIMEOUT_S", d.collective_timeout_s),
+            shared_reads=_env_choice("SHARDCKPT_SHARED_READS", d.shared_reads),
         )
 
 
@@ -112,7 +132,7 @@ def use(snapshot: Knobs) -> Iterator[Knobs]:
 
 
 @contextlib.contextmanager
-def override(**changes: int) -> Iterator[Knobs]:
+def override(**changes: int | str) -> Iterator[Knobs]:
     """Temporarily change knobs: ``with knobs.override(chunk_bytes=64): ...``."""
     global _current
     names = {f.name for f in fields(Knobs)}
@@ -120,6 +140,10 @@ def override(**changes: int) -> Iterator[Knobs]:
     if unknown:
         raise TypeError(f"unknown knob(s): {sorted(unknown)}; known: {sorted(names)}")
     for name, value in changes.items():
+        if name in _CHOICES:
+            if value not in _CHOICES[name]:
+                raise ValueError(f"knob {name} must be one of {list(_CHOICES[name])}, got {value!r}")
+            continue
         if not isinstance(value, int) or value < 0 or (value == 0 and name not in _ZERO_OK):
             raise ValueError(f"knob {name} must be a positive int, got {value!r}")
     previous = _current

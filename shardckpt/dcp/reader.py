@@ -6,11 +6,15 @@ Call order (DCP drives it; ``[all]`` = every rank, ``[coord]`` = coordinator onl
 2. [all]   ``read_metadata()``: reads and validates ``manifest.json`` (or uses the
    one given to the constructor) and presents it as DCP ``Metadata``.
 3. [all]   ``set_up_storage_reader(metadata, is_coordinator)``.
-4. [all]   ``prepare_local_plan`` / [coord] ``prepare_global_plan``: unchanged.
+4. [all]   ``prepare_local_plan`` / [coord] ``prepare_global_plan``: the coordinator
+   gives each replicated read item one owner rank (``_shared_reads``, where
+   ``knobs.shared_reads`` and the backend's capabilities ask for it).
 5. [all]   ``read_data(plan, planner)``: for each requested slice, reads only the
    chunks covering it, checks each chunk's CRC32C, then copies into the tensor
    the planner resolves. Objects are decoded without code execution; a stored
-   ``io.BytesIO`` is written into the state_dict's BytesIO at that key.
+   ``io.BytesIO`` is written into the state_dict's BytesIO at that key. With
+   shared reads, each rank reads what it owns and then every rank takes part in
+   the transfers of the owned pieces, in one order (``_shared_reads.read_shared``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from .. import knobs
+from .._dist import Group
 from ..errors import CheckpointReadError, CorruptCheckpointError
 from ..format.chunks import read_chunks
 from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
@@ -42,8 +47,9 @@ from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry, Tenso
 from ..format.objects import decode_object, weights_only_reason
 from ..storage import RandomReader, Storage, open_storage
 from ..store import CheckpointDir
+from . import _shared_reads
 
-__all__ = ["ShardckptReader", "manifest_to_metadata"]
+__all__ = ["ShardckptReader", "manifest_to_metadata", "shares_reads"]
 
 
 def manifest_to_metadata(m: Manifest) -> Metadata:
@@ -109,6 +115,11 @@ class ShardckptReader(StorageReader):
     Example::
 
         torch.distributed.checkpoint.load(sd, storage_reader=ShardckptReader("ckpt/step_10"))
+
+    ``process_group``: the group the load runs over (the one given to DCP; None:
+    the default group). Replicated pieces are read once and shared over it
+    (``knobs.shared_reads``); where DCP's group turns out to be another one,
+    every rank reads all it loads.
     """
 
     def __init__(
@@ -117,9 +128,12 @@ class ShardckptReader(StorageReader):
         *,
         manifest: Manifest | None = None,
         storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
+        self._process_group = process_group
+        self._dcp_rank: int | None = None
         self.storage_options = storage_options
         self._storage: Storage | None = None
         self._manifest = manifest
@@ -156,38 +170,62 @@ class ShardckptReader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
+        self._dcp_rank = kwargs.get("rank")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        return _shared_reads.with_rank_info(plan, Group(self._process_group), self._dcp_rank)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        k = knobs.get()
+        if not _shared_reads.wanted(k.shared_reads, self.storage.capabilities.remote):
+            return _shared_reads.without_sharing(plans)
+        entries = self.manifest.entries
+
+        def dtype_of(key: str) -> str | None:
+            e = entries.get(key)
+            return e.dtype if isinstance(e, TensorEntry) else None
+
+        def shard_sizes(item: ReadItem) -> tuple[int, ...]:
+            e = entries[item.storage_index.fqn]
+            return _find_shard(e, item.storage_index).sizes  # type: ignore[arg-type]
+
+        return _shared_reads.plan_shared_reads(plans, dtype_of, shard_sizes, k.max_read_bytes)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         manifest = self.manifest
         files = _Files(self.storage, manifest)
         k = knobs.get()
         try:
-            jobs = []
-            for item in plan.items:
-                entry = manifest.entries.get(item.storage_index.fqn)
-                if item.type == LoadItemType.BYTE_IO:
-                    if not isinstance(entry, ObjectEntry):
-                        raise CorruptCheckpointError(f"key {item.storage_index.fqn!r} is not an object", key=item.storage_index.fqn)
-                    _load_object(files, item, entry, planner)
-                    continue
-                if not isinstance(entry, TensorEntry):
-                    raise CorruptCheckpointError(f"key {item.storage_index.fqn!r} is not a tensor", key=item.storage_index.fqn)
-                shard = _find_shard(entry, item.storage_index)
-                dest = planner.resolve_tensor(item)
-                if tuple(dest.shape) != tuple(item.lengths):
-                    raise CheckpointReadError(
-                        f"key {item.dest_index.fqn!r}: destination region {list(dest.shape)} "
-                        f"!= requested {list(item.lengths)}", key=item.dest_index.fqn)
-                jobs.append((item, entry, shard, dest))
-            if jobs:
-                # Remote reads wait on the network, not on CPU: keep more of them in flight.
-                workers = k.read_concurrency if self.storage.capabilities.remote else k.io_threads
+            def build_jobs() -> list[Any]:
+                jobs = []
+                for item in plan.items:
+                    entry = manifest.entries.get(item.storage_index.fqn)
+                    if item.type == LoadItemType.BYTE_IO:
+                        if not isinstance(entry, ObjectEntry):
+                            raise CorruptCheckpointError(f"key {item.storage_index.fqn!r} is not an object", key=item.storage_index.fqn)
+                        _load_object(files, item, entry, planner)
+                        continue
+                    if not isinstance(entry, TensorEntry):
+                        raise CorruptCheckpointError(f"key {item.storage_index.fqn!r} is not a tensor", key=item.storage_index.fqn)
+                    shard = _find_shard(entry, item.storage_index)
+                    dest = planner.resolve_tensor(item)
+                    if tuple(dest.shape) != tuple(item.lengths):
+                        raise CheckpointReadError(
+                            f"key {item.dest_index.fqn!r}: destination region {list(dest.shape)} "
+                            f"!= requested {list(item.lengths)}", key=item.dest_index.fqn)
+                    jobs.append((item, entry, shard, dest))
+                return jobs
+
+            # Remote reads wait on the network, not on CPU: keep more of them in flight.
+            workers = k.read_concurrency if self.storage.capabilities.remote else k.io_threads
+            shared = _shared_reads.shared_plan_of(plan)
+            if shared is not None:  # replicated pieces: read once, shared over the group
+                jobs = _shared_reads.read_shared(
+                    shared, Group(self._process_group), build_jobs,
+                    lambda j, pc: _read_piece(files, j, pc), lambda j: _pieces(j, k.max_read_bytes), workers)
+            else:
+                jobs = build_jobs()
+            if jobs and shared is None:
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardckpt-read") as pool:
                     futures = [
                         pool.submit(knobs.bind(lambda j=key_entry_shard, pc=piece: _read_piece(files, j, pc)))
@@ -196,8 +234,8 @@ class ShardckptReader(StorageReader):
                     ]
                     for f in futures:
                         f.result()
-                for item, _, _, dest in jobs:
-                    planner.commit_tensor(item, dest)
+            for item, _, _, dest in jobs:
+                planner.commit_tensor(item, dest)
         finally:
             files.close()
             # The next load through this reader re-reads the manifest: the checkpoint at
@@ -213,9 +251,12 @@ class ShardckptReader(StorageReader):
 
 
 def _find_shard(entry: TensorEntry, index: MetadataIndex) -> TensorShard:
-    for s in entry.shards:
-        if torch.Size(s.offsets) == index.offset:
-            return s
+    # the ordinal DCP's planners give as a hint is checked, not trusted
+    j = index.index
+    if j is None or not 0 <= j < entry.num_shards or entry.box(j)[0] != tuple(index.offset or ()):
+        j = entry.find(tuple(index.offset or ()))
+    if j is not None:
+        return entry.shards[j]
     raise CorruptCheckpointError(f"key {index.fqn!r}: no stored slice at {list(index.offset or ())}", key=index.fqn)
 
 
@@ -332,3 +373,10 @@ def _into_target_bytesio(planner: LoadPlanner, item: ReadItem, value: io.BytesIO
     target.write(value.getbuffer())
     target.seek(value.tell())
     return True
+
+
+def shares_reads(reader: ShardckptReader) -> bool:
+    """Whether a load through ``reader`` reads replicated pieces once and shares them
+    (``knobs.shared_reads``): then its local plans must go through ``prepare_global_plan``."""
+    return Group(reader._process_group).distributed and _shared_reads.wanted(
+        knobs.get().shared_reads, reader.storage.capabilities.remote)

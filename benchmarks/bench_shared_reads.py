@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Shared reads: a replicated (DDP-style) state loaded by every rank, with each
+replicated piece read once and broadcast (``knobs.shared_reads="on"``) vs every
+rank reading all of it (``"off"``), from S3 (moto) and from a local filesystem.
+
+    python benchmarks/bench_shared_reads.py [--gib 1] [--reps 3] [--ranks 2] [--json out.json]
+
+State: ``--gib`` GiB of fp32 in 16 plain tensors, the same on every rank (DDP
+replicas: every rank loads every tensor whole), seeded ``randn * 0.02``. It is
+saved once per backend (``compression=None``: the comparison is about moving
+bytes; a save writes each replica once), then loaded into a zeroed state,
+interleaved on, off, on, off, ... over ``--reps`` rounds per backend after
+``--warmup`` untimed rounds; every load is checked tensor by tensor outside the
+timed region.
+
+The S3 endpoint is moto's ThreadedMotoServer (tests/s3util.py) started in this
+driver process, which does nothing else while the ranks run (as in
+bench_s3.py). The local checkpoint lies in a temporary directory (``--local-dir``
+to choose one); it was just written, so its reads come from the page cache.
+
+Timing (rank 0): barrier, t0, ``shardckpt.load``, barrier, t1. Medians; GB/s is
+the state's bytes (each rank loads all of them) / seconds, 1 GB = 1e9 B.
+Target (issue 12, section 4): on S3, shared reads ≥ 1.6x faster than off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # benchmark the checkout this file lives in
+    sys.path.insert(0, _REPO)
+
+N_TENSORS = 16
+COLS = 1024
+SEED = 20241201
+MODES = ("on", "off")
+BACKENDS = ("s3", "local")
+TARGET_S3 = 1.6
+
+
+def rows_for(gib: float) -> int:
+    return max(int(round(gib * (1 << 30) / 4 / N_TENSORS / COLS)), 1)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import shardckpt
+    from shardckpt import knobs
+    from tests.s3util import storage_options_for
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    opts = storage_options_for(args.endpoint)
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[bench_shared_reads] {msg}", file=sys.stderr, flush=True)
+
+    def make_state(rows: int, zero: bool) -> dict[str, Any]:
+        sd = {}
+        for i in range(N_TENSORS):
+            if zero:
+                sd[f"layers.{i:02d}.weight"] = torch.zeros(rows, COLS)
+            else:  # the same seed on every rank: replicas
+                g = torch.Generator().manual_seed(SEED + i)
+                sd[f"layers.{i:02d}.weight"] = torch.randn(rows, COLS, generator=g).mul_(0.02)
+        return sd
+
+    def all_equal(dest: dict[str, Any], src: dict[str, Any]) -> bool:
+        ok = all(torch.equal(dest[k], src[k]) for k in src)
+        t = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def timed_load(dest: dict[str, Any], url: str, so: Any, mode: str) -> float:
+        for t in dest.values():
+            t.zero_()
+        dist.barrier()
+        t0 = time.perf_counter()
+        with knobs.override(shared_reads=mode):
+            shardckpt.load(dest, url, storage_options=so)
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    urls = {"s3": (f"s3://{args.bucket}/replicated", opts),
+            "local": (os.path.join(args.local_dir, "replicated"), None)}
+    # Untimed warm-up on a tiny state: connections, imports, first calls of both modes.
+    tiny, tiny_dest = make_state(4, False), make_state(4, True)
+    for b in BACKENDS:
+        url, so = urls[b]
+        shardckpt.save(tiny, url + "-tiny", storage_options=so, compression=None)
+        for mode in MODES:
+            timed_load(tiny_dest, url + "-tiny", so, mode)
+            if not all_equal(tiny_dest, tiny):
+                raise SystemExit(f"warm-up: {b} shared_reads={mode} loaded wrong data")
+    del tiny, tiny_dest
+
+    rows = rows_for(args.gib)
+    src, dest = make_state(rows, False), make_state(rows, True)
+    res: dict[str, Any] = {b: {m: {"load_s": [], "warmup_s": []} for m in MODES} for b in BACKENDS}
+    correct = True
+    for b in BACKENDS:
+        url, so = urls[b]
+        t0 = time.perf_counter()
+        shardckpt.save(src, url, storage_options=so, compression=None)
+        res[b]["save_s"] = time.perf_counter() - t0
+        log(f"{b}: saved {N_TENSORS} x [{rows}x{COLS}] fp32 in {res[b]['save_s']:.1f}s")
+        for rep in range(args.warmup + args.reps):
+            field = "warmup_s" if rep < args.warmup else "load_s"
+            for mode in MODES:  # interleaved: on, off, on, off, ...
+                s = timed_load(dest, url, so, mode)
+                ok = all_equal(dest, src)
+                correct = correct and ok
+                res[b][mode][field].append(s)
+                log(f"{b} {'warm-up' if field == 'warmup_s' else 'rep'} {rep} shared_reads={mode}: "
+                    f"{s:6.2f}s correct={ok}")
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"backends": res, "rows": rows, "world": world, "correct": correct,
+                       "torch": torch.__version__, "knobs": knobs.get().__dict__}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "nproc": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def report(args: argparse.Namespace, data: dict[str, Any], mach: dict[str, Any], wall: float) -> dict[str, Any]:
+    import moto
+
+    nbytes = N_TENSORS * data["rows"] * COLS * 4
+    print()
+    print(f"shared reads: {nbytes / (1 << 30):.2f} GiB fp32 in {N_TENSORS} replicated tensors "
+          f"[{data['rows']}x{COLS}], {data['world']} gloo ranks, each loading all of it")
+    print(f"machine: {mach['cpu']}, nproc {mach['nproc']}; {mach['date']}; torch {data['torch']}, "
+          f"moto {moto.__version__} (own process)")
+    print(f"{args.warmup} untimed + {args.reps} timed rounds per backend, interleaved on/off; "
+          "medians of rank-0 barrier-to-barrier load times; GB/s = state bytes / s")
+    print()
+    hdr = f"{'backend':8s} {'shared_reads':12s} {'load s':>7s} {'GB/s':>7s}  {'runs (s)':24s} warm-up (s)"
+    print(hdr)
+    print("-" * len(hdr))
+    med: dict[str, dict[str, float]] = {}
+    for b in BACKENDS:
+        med[b] = {}
+        for m in MODES:
+            r = data["backends"][b][m]
+            med[b][m] = statistics.median(r["load_s"])
+            runs = " ".join(f"{s:.2f}" for s in r["load_s"])
+            warm = " ".join(f"{s:.2f}" for s in r["warmup_s"]) or "-"
+            print(f"{b:8s} {m:12s} {med[b][m]:7.2f} {nbytes / med[b][m] / 1e9:7.3f}  {runs:24s} {warm}")
+    print()
+    ratios = {b: med[b]["off"] / med[b]["on"] for b in BACKENDS}
+    met = ratios["s3"] >= TARGET_S3
+    print(f"S3:    shared reads on / off = {ratios['s3']:.2f}x faster  "
+          f"(target >= {TARGET_S3}x: {'met' if met else 'NOT MET'})")
+    print(f"local: shared reads on / off = {ratios['local']:.2f}x faster  (reported only; "
+          "knobs.shared_reads='auto' leaves local loads unshared)")
+    print(f"saves: S3 {data['backends']['s3']['save_s']:.1f}s, local {data['backends']['local']['save_s']:.1f}s; "
+          f"all loads correct: {data['correct']}; total wall time {wall:.0f}s")
+    return {"args": vars(args), "machine": mach, "state_bytes": nbytes, "medians_s": med,
+            "speedup_on_vs_off": ratios, "target_s3": TARGET_S3, "target_met": met,
+            "all_correct": data["correct"], "wall_s": wall, **data}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0, help="replicated fp32 state in GiB (default 1)")
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds per backend (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed full-size rounds first (default 1)")
+    ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
+    ap.add_argument("--local-dir", default=None, help="where the local checkpoint goes (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--bucket", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.gib <= 0 or args.reps < 1 or args.ranks < 2 or args.warmup < 0:
+        ap.error("--gib must be positive, --reps >= 1, --ranks >= 2, --warmup >= 0")
+
+    from tests.s3util import S3Endpoint
+
+    t0 = time.perf_counter()
+    mach = machine()
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix="bench-shared-",
+                                                                dir=args.local_dir) as tmp:
+        endpoint.make_bucket(bucket)
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.ranks), os.path.abspath(__file__), "--worker",
+               "--gib", repr(args.gib), "--reps", str(args.reps), "--warmup", str(args.warmup),
+               "--endpoint", endpoint.url, "--bucket", bucket, "--local-dir", tmp, "--out", out]
+        env = dict(os.environ)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
+        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        print(f"moto S3 server {endpoint.url} (pid {os.getpid()}), bucket {bucket}", file=sys.stderr)
+        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode  # stdout: the report only
+        if rc != 0:
+            print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
+            sys.exit(2)
+        with open(out) as f:
+            data = json.load(f)
+        endpoint.delete_bucket(bucket)
+    result = report(args, data, mach, time.perf_counter() - t0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}")
+    sys.exit(0 if result["all_correct"] else 1)
+
+
+if __name__ == "__main__":
+    main()
