@@ -195,11 +195,14 @@ def list_checkpoints(
 def _entry_info(e: Entry) -> dict[str, Any]:
     if isinstance(e, TensorEntry):
         chunks = [c for s in e.shards for c in s.blob.chunks]
-        return {
+        info = {
             "kind": "tensor", "dtype": e.dtype, "shape": list(e.shape),
             "raw_bytes": sum(c.raw_len for c in chunks), "stored_bytes": sum(c.stored_len for c in chunks),
             "codecs": sorted({c.codec for c in chunks}), "shards": len(e.shards), "chunks": len(chunks),
         }
+        if e.layout is not None:  # version 2: the grid and writers, as stored
+            info["layout"] = e.layout.to_json()
+        return info
     if e.blob is None:
         n = len(json.dumps(e.value, separators=(",", ":")))
         return {"kind": "object", "encoding": e.encoding, "raw_bytes": n, "stored_bytes": n,
@@ -230,6 +233,7 @@ def inspect(path: PathLike, *, keys: Sequence[str] | None = None, storage_option
         "library": dict(m.library),
         "metadata": dict(m.metadata),
         "files": dict(m.files),
+        "indexes": {str(r): rel for r, (rel, _) in sorted(m.indexes.items())},
         "totals": {
             "keys": len(infos),
             "tensors": sum(v["kind"] == "tensor" for v in infos.values()),

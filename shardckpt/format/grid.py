@@ -17,7 +17,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,14 +51,15 @@ class Grid:
             lists.append(None if regular else tuple(c))
         return cls(tuple(c[-1] for c in cuts), tuple(blocks), tuple(lists))
 
-    @property
-    def counts(self) -> tuple[int, ...]:
-        return tuple(-(-n // b) if b else len(c) - 1  # type: ignore[arg-type]
-                     for n, b, c in zip(self.shape, self.blocks, self.cuts))
+    def __post_init__(self) -> None:
+        # asked for on every slice lookup: computed once
+        counts = tuple(-(-n // b) if b else len(c) - 1  # type: ignore[arg-type]
+                       for n, b, c in zip(self.shape, self.blocks, self.cuts))
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "num_boxes", math.prod(counts))
 
-    @property
-    def num_boxes(self) -> int:
-        return math.prod(self.counts)
+    counts: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    num_boxes: int = field(init=False, compare=False, repr=False)
 
     def _cell(self, d: int, i: int) -> tuple[int, int]:
         b, c = self.blocks[d], self.cuts[d]

@@ -89,6 +89,10 @@ class Indexes:
             raise CorruptCheckpointError(f"{self._url}: no index describes key {key!r} slice {j}", key=key)
         return found
 
+    def rebind(self, read: Callable[[str], bytes]) -> None:
+        """Read indexes not read yet through ``read`` (a manifest reused with another storage)."""
+        self._read = read
+
     def load_all(self) -> None:
         for rank in sorted(self.by_rank):
             self._index(rank)

@@ -29,6 +29,8 @@ cut short leaves an incomplete directory, never a committed one with holes.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -186,9 +188,10 @@ class CheckpointDir:
     def is_committed(self) -> bool:
         return self.storage.exists(MANIFEST_NAME)
 
-    def read_manifest(self) -> Manifest:
+    def read_manifest(self, fresh: bool = False) -> Manifest:
         """The committed manifest, validated; typed errors for missing, incomplete or damaged
-        (``CheckpointReadError`` when the storage fails to read it)."""
+        (``CheckpointReadError`` when the storage fails to read it). ``fresh``: decode
+        (and later read its indexes) anew, never from the recent-manifests cache (verify)."""
         s = self.storage
         try:
             data: bytes | None = s.read_bytes(MANIFEST_NAME)
@@ -205,7 +208,7 @@ class CheckpointDir:
             else:
                 hint = " (a save never finished: no committed manifest)"
             raise IncompleteCheckpointError(f"{s.url} is not a loadable checkpoint{hint}", path=s.url)
-        return decode_manifest(data, source=f"{s.url}/{MANIFEST_NAME}", read_index=s.read_bytes, url=s.url)
+        return _decoded(s, data, fresh)
 
     def read_checked(self) -> Manifest:
         """The manifest, plus every shard file present with its recorded size (no data read)."""
@@ -223,3 +226,30 @@ class CheckpointDir:
         if s.isdir():
             s.sync_dir()
         s.remove_tree()
+
+
+_recent: OrderedDict[tuple[str, bytes], Manifest] = OrderedDict()
+_recent_lock = threading.Lock()
+
+
+def _decoded(s: Storage, data: bytes, fresh: bool) -> Manifest:
+    """``decode_manifest``, remembered for the last few manifests read: a restore lists a
+    step and then loads it, and both read the same bytes. Keyed by the exact bytes,
+    so an overwritten checkpoint (a new save id) is decoded afresh; its indexes are
+    still checked against the CRC32C these bytes record when first read."""
+    key = (s.url, data)
+    with _recent_lock:
+        hit = None if fresh else _recent.get(key)
+        if hit is not None:
+            _recent.move_to_end(key)
+            if hit.source is not None:  # indexes not read yet are read through this storage
+                hit.source.rebind(s.read_bytes)
+            return hit
+    m = decode_manifest(data, source=f"{s.url}/{MANIFEST_NAME}", read_index=s.read_bytes, url=s.url)
+    if fresh:
+        return m
+    with _recent_lock:
+        _recent[key] = m
+        while len(_recent) > 4:
+            _recent.popitem(last=False)
+    return m

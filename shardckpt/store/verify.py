@@ -59,7 +59,7 @@ def verify_dir(ckpt: CheckpointDir, share: tuple[int, int] = (0, 1)) -> VerifyRe
     """
     t0 = time.perf_counter()
     storage = ckpt.storage
-    manifest = ckpt.read_manifest()
+    manifest = ckpt.read_manifest(fresh=True)  # indexes too: never what an earlier read cached
     wrong_size = ckpt.size_mismatches(manifest.files)
     damaged = [CorruptCheckpointError(f"{rel}: {why}", file=rel) for rel, why in wrong_size.items()]
     good_files = set(manifest.files) - set(wrong_size)
