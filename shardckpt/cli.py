@@ -31,7 +31,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from . import __version__, tools
+from . import __version__, tiers, tools
+from ._cli_format import format_age as _age
+from ._cli_format import format_bytes as _bytes
+from ._cli_format import format_metrics as _metrics
+from ._cli_format import format_when as _when
+from ._cli_format import print_table as _table
 from .errors import IncompleteCheckpointError, ShardckptError
 
 __all__ = ["main", "build_parser", "parse_storage_options"]
@@ -133,41 +138,6 @@ class _Progress:
 # ---------------------------------------------------------------------- formatting
 
 
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
-
-
-def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= span:
-            return f"{seconds / span:.0f}{unit}"
-    return f"{max(seconds, 0):.0f}s"
-
-
-def _metrics(m: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={'-' if v is None else format(v, '.6g')}" for k, v in m.items()) or "-"
-
-
-def _table(rows: list[list[str]], out: TextIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
-
-
 def _short(value: Any, width: int = 40) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -180,30 +150,41 @@ Result = tuple[Any, int, Callable[[TextIO], None]]
 
 
 def _cmd_ls(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
+    # A manager's local tier (its root given, or --local-root beside the durable root):
+    # steps are rank directories plus a commit marker, listed by shardckpt.tiers.
+    local_root = a.local_root or (a.root if tiers.is_local_root(a.root, opts) else None)
     # Without --verify a listing is quick (manifests and sizes): no progress to show.
-    found = tools.list_checkpoints(a.root, verify=a.verify, storage_options=opts,
-                                   progress=progress if a.verify else None)
+    found = [] if local_root == a.root else tools.list_checkpoints(
+        a.root, verify=a.verify, storage_options=opts, progress=progress if a.verify else None)
     owner = tools.read_owner(a.root, storage_options=opts)
     now = time.time()
     doc = {"root": a.root, "verified": a.verify, "owner": owner, "checkpoints": [c.to_json(now) for c in found]}
+    if local_root is not None:
+        doc["local_root"] = local_root
+        doc["checkpoints"] = tiers.tier_rows(doc["checkpoints"], local_root, now)
 
     def human(out: TextIO) -> None:
         if owner is not None:
             state = "live" if owner["live"] else f"stale: {owner['stale_reason']}"
             print(f"owner: {tools.describe_owner(owner)} ({state})", file=out)
-        if not found:
+        if not doc["checkpoints"]:
             print(f"no checkpoints under {a.root}", file=out)
             return
         named = any(c["name"] and not c["name"].startswith("step_") for c in doc["checkpoints"])
-        rows = [["STEP", "STATUS", "SIZE", "SAVED", "AGE", "METRICS"] + (["NAME"] if named else [])]
+        tiered = local_root is not None
+        rows = [["STEP", "STATUS"] + (["TIERS"] if tiered else []) + ["SIZE", "SAVED", "AGE", "METRICS"]
+                + (["NAME"] if named else [])]
         for c in doc["checkpoints"]:
-            rows.append([str(c["step"]) if c["step"] is not None else "-", c["status"], _bytes(c["size_bytes"]),
-                         _when(c["created_unix"]), _age(c["age_seconds"]), _metrics(c["metrics"])]
-                        + ([c["name"]] if named else []))
+            rows.append([str(c["step"]) if c["step"] is not None else "-", c["status"]]
+                        + ([",".join(c["tiers"]) or "-"] if tiered else [])
+                        + [_bytes(c["size_bytes"]), _when(c["created_unix"]), _age(c["age_seconds"]),
+                           _metrics(c["metrics"])] + ([c["name"]] if named else []))
         _table(rows, out)
-        for c in found:
-            if not c.valid:
-                print(f"  {c.name or c.path}: {c.reason}", file=out)
+        for c in doc["checkpoints"]:
+            if c["status"] != "valid":
+                print(f"  {c['name'] or c['path']}: {c['reason']}", file=out)
+        if tiered:
+            print(f"(local tier {local_root}: what this node holds)", file=out)
         if not a.verify:
             print("(status from manifests and shard sizes; --verify checks every chunk)", file=out)
 
@@ -391,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", parents=[common], help="list the checkpoints under a root")
     s.add_argument("root", help="a manager's root, any directory of checkpoints, or one checkpoint")
     s.add_argument("--verify", action="store_true", help="check every chunk (reads all data)")
+    s.add_argument("--local-root", metavar="DIR", help="a manager's local tier: add its steps and a TIERS column")
     s.set_defaults(run=_cmd_ls, parser=s)
 
     s = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds (from its manifest)")

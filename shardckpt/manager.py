@@ -28,19 +28,24 @@ all ranks, on a gloo group (the given/default group if it is gloo, else one
 created once in the constructor), so no rank diverges. Only rank 0 deletes
 (retention) and holds the owner marker.
 
-Restore strategy: with ``verify_on_restore=True`` the ranks verify a candidate
-together before any rank loads it (each checks the CRC and decoding of a 1/N
-share of its chunks; the verdict is agreed on all ranks), so the state is only
-ever loaded from a checkpoint that verified. That costs one extra read of the
-checkpoint, spread over the ranks. With ``verify_on_restore=False`` the candidate is
-loaded directly (``load`` checks the CRC of every chunk it reads); if the load
-fails as corrupt, tensors may already hold part of that checkpoint's values, so
-the manager loads the previous checkpoint into the same state, which writes
-every tensor again (strict load: every key is loaded), and ``load_state_dict``
-of Stateful objects only runs after a load succeeded. If no fallback succeeds
-the call raises, and the state must then be considered garbage.
+Restore strategy (``verify_on_restore``): ``True`` (default) verifies exactly
+what each rank loads, while it loads: ``load`` checks the CRC32C (and decoding)
+of every chunk before its bytes reach a tensor. If the load fails as corrupt,
+tensors may hold part of that checkpoint's values, so the previous checkpoint
+is loaded into the same state, which writes every tensor again (strict load),
+and ``load_state_dict`` of Stateful objects only runs after a load succeeded;
+if no fallback succeeds the call raises and the state must be considered
+garbage. ``"before"``: the ranks first verify the candidate together (each a
+1/N share) and load only one that verified, so a corrupt newest checkpoint
+never touches the state, at the cost of reading it twice. ``False`` is the
+same as ``True``: no load skips its checks.
 
 Preemption: see ``install_signal_handlers`` (torchrun ``--max-restarts``).
+
+Tiers (``local_root=``): every save goes to node-local storage with peer
+replicas, every ``persist_interval_steps`` (and on preemption) also to
+``root``, both in the background; ``restore`` takes the newest valid step of
+either tier (``shardckpt.tiers``).
 """
 
 from __future__ import annotations
@@ -48,19 +53,18 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-import signal
-import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch.distributed as dist
 
 from . import knobs
 from ._async import AsyncCheckpointer, AsyncSaveHandle
 from ._dist import Group
-from ._preempt import PreemptionFlag, exit_code_for
+from ._manager_preempt import PreemptionMixin
+from ._preempt import PreemptionFlag
 from ._replicas import CheckReplicas, check_mode
 from .api import load, save
 from .errors import (
@@ -81,12 +85,12 @@ from .store import (
     step_dirname,
     verify_dir,
 )
+from .tiers import LocalTier, Tiers, check_tier_args, merge_tiers
 
 __all__ = ["CheckpointManager", "OWNER_MARKER", "step_dirname"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
 
 
 @dataclass
@@ -96,7 +100,7 @@ class _InFlight:
     retained: bool = False  # retention already ran for it (rank 0)
 
 
-class CheckpointManager:
+class CheckpointManager(PreemptionMixin):
     """Saves a run's state into step directories under ``root`` (a path or fsspec URL).
 
     Retention (applied by rank 0 after each save commits): ``keep_last=K``,
@@ -115,6 +119,17 @@ class CheckpointManager:
     ``read_only=True`` (an evaluation job, a read-only mount): no owner marker is
     taken, ``restore`` and ``list`` work, ``save`` raises ``CheckpointWriteError``.
 
+    ``local_root`` (a path on node-local storage, the same on every node): a
+    local tier. Each save writes every rank's local shard there and
+    ``local_replicas`` copies to ranks on other nodes (skipped, with a warning,
+    on one node), keeping ``local_keep_last`` steps per node; every
+    ``persist_interval_steps`` (None: only on preemption) the same staged state
+    is also saved to ``root``, in the background. ``restore`` loads the newest
+    valid step of either tier, local when the job's world size and layouts
+    allow (a replaced node fetches its shards from peers), else from ``root``
+    (resharded); ``list()`` fills ``CheckpointInfo.tiers``. ``step=``/``path=``
+    restores read ``root``; the policies apply to ``root``.
+
     Retention judges validity cheaply (manifest and shard sizes, no data read),
     so a checkpoint with a flipped bit still counts as the newest valid one:
     keep at least two (``keep_last=2``) so ``restore`` has something to fall
@@ -132,18 +147,26 @@ class CheckpointManager:
         save_interval_steps: int = 1,
         async_save: bool = False,
         process_group: dist.ProcessGroup | None = None,
-        verify_on_restore: bool = True,
+        verify_on_restore: bool | Literal["before"] = True,
         take_over_lock: bool = False,
         storage_options: dict[str, Any] | None = None,
         check_replicas: CheckReplicas = "error",
         read_only: bool = False,
+        local_root: str | os.PathLike[str] | None = None,
+        local_keep_last: int = 2,
+        local_replicas: int = 1,
+        persist_interval_steps: int | None = None,
     ) -> None:
         if read_only and async_save:
             raise ValueError("a read_only CheckpointManager does not save: drop async_save=True")
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be an integer >= 1, got {save_interval_steps!r}")
+        check_tier_args(root, local_root, local_keep_last, local_replicas, persist_interval_steps, read_only)
         self.policies = build_policies(keep_last, keep_every, keep_best, policies)
+        self.persist_interval_steps = persist_interval_steps
         self.save_interval_steps = save_interval_steps
+        if verify_on_restore not in (True, False, "before"):
+            raise ValueError(f"verify_on_restore must be True, False or 'before', not {verify_on_restore!r}")
         self.verify_on_restore = verify_on_restore
         self.check_replicas = check_mode(check_replicas)
         self.storage_options = dict(storage_options) if storage_options is not None else None
@@ -154,11 +177,16 @@ class CheckpointManager:
         self._ctl = _control_group(process_group)
         self._owner = self._root.owner(take_over=take_over_lock)
         self.read_only = bool(read_only)
+        self._tiers: Tiers | None = None
+        if local_root is not None:  # before taking the root: a bad local_root leaves no marker behind
+            self._tiers = Tiers(LocalTier(local_root, local_keep_last, local_replicas, self._ctl), self._ctl,
+                                self._persist)
         self._closed = True  # until the root is ours: close() must not release someone else's marker
         if not self.read_only:  # a reader (evaluation, a read-only mount) takes no ownership
             self._on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
         self._closed = False
-        self._async = AsyncCheckpointer(process_group) if async_save else None
+        self._tiers_async = async_save
+        self._async = AsyncCheckpointer(process_group) if async_save and self._tiers is None else None
         self._in_flight: _InFlight | None = None
         self._preempt: PreemptionFlag | None = None
         self._exit_code: int | None = None
@@ -170,15 +198,19 @@ class CheckpointManager:
     # ------------------------------------------------------------------ saving
 
     def should_save(self, step: int) -> bool:
-        """Whether to save at ``step``: it is a multiple of ``save_interval_steps``, or
-        a preemption signal is pending on any rank. Collective once signal handlers
+        """Whether to save at ``step``: it is a multiple of ``save_interval_steps`` (or,
+        with a local tier, of ``persist_interval_steps``), or a preemption signal is pending on any rank. Collective once signal handlers
         are installed: call it on every rank at every step."""
         self._check_open()
         _check_step(step)
         self._poll_async()
         signum = self._agree_preemption()
         self._decided = (step, signum)
-        return bool(signum) or step % self.save_interval_steps == 0
+        return bool(signum) or step % self.save_interval_steps == 0 or self._persist_due(step)
+
+    def _persist_due(self, step: int) -> bool:
+        n = self.persist_interval_steps
+        return self._tiers is not None and n is not None and step % n == 0
 
     def save(
         self,
@@ -208,7 +240,7 @@ class CheckpointManager:
         else:
             signum = self._agree_preemption()
         self._decided = None
-        if not (force or signum or step % self.save_interval_steps == 0):
+        if not (force or signum or step % self.save_interval_steps == 0 or self._persist_due(step)):
             self._poll_async()
             return False
         metadata: dict[str, Any] = {"step": step, "metrics": metric_values(metrics)}
@@ -217,6 +249,12 @@ class CheckpointManager:
         self._on_rank0("checking the owner marker", self._owner.check)
         self._known_bad.pop(step, None)
         path = self._step_path(step)
+        if self._tiers is not None:  # it waits for the previous local save, not a durable one
+            self._tiers.save(step, state, metadata, persist=bool(signum) or self._persist_due(step),
+                             sync=not self._tiers_async or bool(signum))
+            if signum:
+                self._exit_preempted(signum, step)
+            return True
         # One save in flight: finishing the previous one first also runs its retention.
         self.wait()
         if self._async is None or signum:
@@ -235,6 +273,8 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Wait for the in-flight async save; raise its failure (on every rank)."""
+        if self._tiers is not None:
+            self._tiers.wait()
         f, self._in_flight = self._in_flight, None
         if f is None:
             return
@@ -254,6 +294,13 @@ class CheckpointManager:
             f.handle.result(timeout=0)
         except Exception:  # noqa: BLE001 - reported by wait()
             return
+        self._retain()
+
+    def _persist(self, step: int, tree: dict[str, Any], metadata: dict[str, Any],
+                 pg: dist.ProcessGroup | None) -> None:
+        """Tiers' durable save (its own thread and gloo group), then retention of ``root``."""
+        save({"state": tree}, self._step_path(step), overwrite=True, metadata=metadata, process_group=pg,
+             storage_options=self.storage_options, check_replicas=self.check_replicas)
         self._retain()
 
     # ----------------------------------------------------------------- retention
@@ -295,23 +342,29 @@ class CheckpointManager:
         if step is not None or path is not None:
             target = os.fspath(path) if path is not None else self._step_path(_check_step(step))
             saved_step = self._on_rank0(f"checking {target}", lambda: self._check_explicit(target))
-            if self.verify_on_restore:
+            if self.verify_on_restore == "before":
                 problem = self._verify_together(CheckpointDir.at(target, self.storage_options))
                 if problem is not None:
                     cls = CorruptCheckpointError if problem[0] == "corrupt" else IncompleteCheckpointError
                     raise cls(f"{target} is {problem[0]}: {problem[1]}", path=target)
             return self._load(state, target, step if step is not None else saved_step)
         infos = self._on_rank0(f"listing {self.root}", lambda: self._scan(deep=False))
+        if self._tiers is not None:
+            got = self._tiers.restore(state, infos, self.root)
+            if got is not None:
+                return got
         if not infos:
             self._info("no checkpoint under %s: fresh start", self.root)
             return None
         reasons: dict[int, str] = {}
         corrupt = False
         for info in reversed(infos):
+            if self._tiers is not None and (got := self._tiers.restore_newer(state, info.step)) is not None:
+                return got  # newer durable steps failed: a local one they had overshadowed
             problem: tuple[str, str] | None = None
             if info.status != "valid":
                 problem = (info.status, info.reason or "")
-            elif self.verify_on_restore:
+            elif self.verify_on_restore == "before":
                 problem = self._verify_together(self._root.checkpoint(info.step))
             if problem is None:
                 try:
@@ -325,6 +378,8 @@ class CheckpointManager:
             if self._ctl.is_coordinator:
                 log.warning("checkpoint step %d at %s is %s (%s); falling back to the previous one",
                             info.step, info.path, problem[0], problem[1])
+        if self._tiers is not None and (got := self._tiers.restore_newer(state, -1)) is not None:
+            return got
         detail = "; ".join(f"step {s}: {r}" for s, r in reasons.items())
         cls = CorruptCheckpointError if corrupt else IncompleteCheckpointError
         raise cls(f"{self.root} holds {len(infos)} checkpoint(s) but none is usable "
@@ -347,7 +402,12 @@ class CheckpointManager:
 
     def _load(self, state: Any, path: str, step: int | None) -> int | None:
         # load bounds and types its collectives itself (a lost or stuck peer)
-        load({"state": state}, path, process_group=self._pg, storage_options=self.storage_options)
+        # Stateful objects as DCP treats them: load into their state_dict, then hand it back
+        stateful = callable(getattr(state, "state_dict", None)) and callable(getattr(state, "load_state_dict", None))
+        sd = state.state_dict() if stateful else state
+        load({"state": sd}, path, process_group=self._pg, storage_options=self.storage_options)
+        if stateful:
+            state.load_state_dict(sd)
         if step is not None and hasattr(state, "step"):
             state.step = step
         self._info("restored step %s from %s", step, path)
@@ -360,66 +420,6 @@ class CheckpointManager:
             return s
         return parse_step(os.path.basename(path.rstrip("/")))
 
-    # ---------------------------------------------------------------- preemption
-
-    def install_signal_handlers(
-        self,
-        signals: Sequence[int] = (signal.SIGTERM,),
-        exit_code: int | None = None,
-    ) -> None:
-        """On ``signals``, save at the next ``should_save``/``save`` boundary and exit.
-
-        The handler only records the signal. At the next ``should_save`` (reduced
-        over ranks: one rank getting the signal is enough) it returns True, and
-        ``save`` then saves synchronously on every rank (after finishing an
-        in-flight async save), closes the manager and calls ``sys.exit`` with
-        ``exit_code``: by default 128 + the signal number (143 for SIGTERM), what
-        a shell reports for a process the signal killed. Call it on every rank
-        (it makes ``should_save`` a collective), from the main thread.
-
-        torchrun's elastic agent marks a worker whose exit code is not 0 as FAILED
-        (``torch/distributed/elastic/multiprocessing/api.py``) and, while
-        ``--max-restarts`` allows, restarts the whole worker group
-        (``agent/server/api.py``), which resumes with ``restore``. Exit code 0
-        would read as success and end the job, so it is refused::
-
-            torchrun --nproc-per-node=8 --max-restarts=3 train.py
-
-        If the agent itself gets SIGTERM (the node is preempted) it forwards it to
-        the workers, waits ``--shutdown-timeout`` (30 s) before SIGKILL and does not
-        restart: the save must fit in that grace period, and the scheduler's
-        requeue resumes from the checkpoint.
-        """
-        self._check_open()
-        if exit_code is not None and (not isinstance(exit_code, int) or not 1 <= exit_code <= 255):
-            raise ValueError(f"exit_code must be in 1..255 (0 means success to torchrun: no restart), got {exit_code!r}")
-        if self._preempt is not None:
-            self._preempt.uninstall()
-        self._preempt = PreemptionFlag(signals)
-        self._exit_code = exit_code
-
-    @property
-    def preemption_pending(self) -> bool:
-        """Whether this rank received one of the installed signals (not reduced over ranks)."""
-        return self._preempt is not None and self._preempt.pending
-
-    def _agree_preemption(self) -> int:
-        """The signal any rank received (0 if none), the same value on every rank."""
-        if self._preempt is None:
-            return 0
-        mine = self._preempt.received or 0
-        return self._ctl.max_over_ranks("agreeing on a preemption", mine, ShardckptError)
-
-    def _exit_preempted(self, signum: int, step: int) -> None:
-        code = self._exit_code if self._exit_code is not None else exit_code_for(signum)
-        self.close()
-        # Nobody exits before rank 0 finished retention and released the marker:
-        # the first exit makes the launcher SIGTERM (then SIGKILL) the others.
-        self._ctl.barrier("waiting for every rank before the preemption exit")
-        self._info("preemption (%s): saved step %d, exiting with code %d for a restart",
-                   signal.Signals(signum).name, step, code)
-        sys.exit(code)
-
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
@@ -431,6 +431,8 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self._tiers is not None:
+                self._tiers.close()
             if self._async is not None:
                 self._async.close()
             if self._preempt is not None:
@@ -473,9 +475,12 @@ class CheckpointManager:
 
         ``"valid"`` means the manifest decodes and every shard file has its recorded
         size (cheap: no data read); ``deep=True`` also reads every chunk and checks
-        its CRC32C. Not collective: any rank may call it.
+        its CRC32C. Not collective: any rank may call it. With a local tier, steps
+        only this node's ``local_root`` holds are listed too, and ``tiers`` says
+        where each step is.
         """
-        return self._scan(deep)
+        out = self._scan(deep)
+        return out if self._tiers is None else merge_tiers(out, self._tiers.local.infos())
 
 
 # ------------------------------------------------------------------------ helpers

@@ -49,7 +49,9 @@ class CheckpointInfo:
     (damaged manifest or, with ``deep=True``, damaged data); ``reason`` says why
     when not valid. ``size_bytes``, ``created_unix`` and ``metrics`` come from the
     manifest and are ``None`` / empty when it cannot be read. A metric that was
-    not a finite number at save time is stored as ``None``.
+    not a finite number at save time is stored as ``None``. ``tiers``: where a
+    manager with a local tier holds the step (``"local"``: this node's
+    ``local_root``; ``"remote"``: the durable root); empty without a local tier.
     """
 
     step: int
@@ -59,6 +61,7 @@ class CheckpointInfo:
     created_unix: float | None = None
     metrics: Mapping[str, float | None] = field(default_factory=dict)
     reason: str | None = None
+    tiers: tuple[str, ...] = ()
 
     @property
     def valid(self) -> bool:

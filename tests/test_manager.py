@@ -106,7 +106,7 @@ def test_interval_force_and_metrics(tmp_path):
         mgr.save(11, Tiny(), metrics={"x": "high"}, force=True)
 
 
-@pytest.mark.parametrize("verify_on_restore", [True, False])
+@pytest.mark.parametrize("verify_on_restore", [True, False, "before"])
 def test_flipped_byte_in_newest_falls_back_and_names_reason(tmp_path, caplog, small_chunks, verify_on_restore):
     root = str(tmp_path / "run")
     with CheckpointManager(root) as mgr:
@@ -292,3 +292,18 @@ def test_read_only_manager_restores_beside_a_live_owner_and_never_saves(tmp_path
     owner.close()
     with pytest.raises(ValueError, match="read_only"):
         CheckpointManager(tmp_path, read_only=True, async_save=True)
+
+
+def test_verify_before_leaves_the_state_untouched_when_nothing_verifies(tmp_path, small_chunks):
+    root = str(tmp_path / "run")
+    with CheckpointManager(root) as mgr:
+        run(mgr, [1])
+    flip_shard_byte(root, 1)  # the last chunk: a direct load would have written the first ones
+    state = Tiny()
+    before = state.w.clone()
+    with CheckpointManager(root, verify_on_restore="before") as mgr:
+        with pytest.raises(CorruptCheckpointError, match="none is usable"):
+            mgr.restore(state)
+    assert torch.equal(state.w, before)
+    with pytest.raises(ValueError, match="verify_on_restore"):
+        CheckpointManager(root, verify_on_restore="always")

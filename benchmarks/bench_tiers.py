@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Multi-tier benchmark: local-tier save and restore vs the durable tier on S3 (moto).
+
+    python benchmarks/bench_tiers.py [--gib 1] [--reps 3] [--json out.json]
+
+State: ``--gib`` GiB of fp32 in 16 DTensors ``Shard(0)`` over 2 gloo ranks (one
+torchrun launch of this file), each rank a "node" of its own
+(``SHARDCKPT_NODE_ID``) with its own local root under /dev/shm (a RAM disk:
+node-local storage at memory speed), so every local save also sends a full
+replica to the other rank. The durable tier is moto's ThreadedMotoServer in
+this driver process (as in ``bench_s3.py``: it does nothing else while the
+ranks run).
+
+Saves, interleaved A B C A B C ... over ``--reps`` rounds, each of a new step:
+
+  plain async   CheckpointManager(<local disk>, async_save=True): the stall of
+                ``save`` (planning + staging copy) is the reference
+  local tier    CheckpointManager(s3, local_root=/dev/shm/..., async_save=True,
+                persist_interval_steps=None): own shard + peer replica + commit
+  remote        CheckpointManager(s3, async_save=True): the same state to S3
+
+stall = time in ``save`` (rank 0, after a barrier); completion = stall + time in
+``wait()`` until committed on every rank. Restores, interleaved L R L R ...:
+``restore`` into a zeroed state from the local tier (each rank reads its own
+shard) and from S3 (manager without local_root); every restore is checked
+bitwise outside the timed region. Medians over ``--reps``.
+Targets: local stall <= 1.1 x plain async stall; local restore >= 5 x faster
+than the remote one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+N_TENSORS = 16
+COLS = 1024
+SEED = 20240611
+SAVES = ("plain async", "local tier", "remote")
+RESTORES = ("local tier", "remote")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from tests.s3util import storage_options_for
+
+    rank = int(os.environ["RANK"])
+    os.environ["SHARDCKPT_NODE_ID"] = f"bench-node{rank}"  # before the manager reads it
+    import shardckpt
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    opts = storage_options_for(args.endpoint)
+    rows = max(int(round(args.gib * (1 << 30) / 4 / N_TENSORS / COLS)), world)
+    size, _ = Shard.local_shard_size_and_offset(rows, world, rank)
+
+    def state(step: int, zero: bool = False) -> dict[str, Any]:
+        sd: dict[str, Any] = {"step": step}
+        for i in range(N_TENSORS):
+            g = torch.Generator().manual_seed(SEED + 1000 * rank + i + 7 * step)
+            local = torch.zeros(size, COLS) if zero else torch.randn(size, COLS, generator=g).mul_(0.02)
+            sd[f"layers.{i:02d}.weight"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                                              shape=torch.Size((rows, COLS)), stride=(COLS, 1))
+        return sd
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return a["step"] == b["step"] and all(torch.equal(a[k].to_local(), b[k].to_local()) for k in a if k != "step")
+
+    url = f"s3://{args.bucket}"
+    local_root = os.path.join(args.shm, f"node{rank}")
+    mgrs = {
+        "plain async": shardckpt.CheckpointManager(os.path.join(args.tmp, "plain"), async_save=True, keep_last=1),
+        "local tier": shardckpt.CheckpointManager(f"{url}/tier", local_root=local_root, local_keep_last=1,
+                                                  async_save=True, storage_options=opts),
+        "remote": shardckpt.CheckpointManager(f"{url}/remote", async_save=True, keep_last=1, storage_options=opts),
+    }
+    times: dict[str, list[dict[str, float]]] = {f"save {v}": [] for v in SAVES}
+    times.update({f"restore {v}": [] for v in RESTORES})
+    correct = True
+    step = 0
+    for rep in range(args.warmup + args.reps):
+        timed = rep >= args.warmup
+        for v in SAVES:
+            step += 1
+            sd = state(step)
+            dist.barrier()
+            t0 = time.perf_counter()
+            mgrs[v].save(step, sd, force=True)
+            t1 = time.perf_counter()
+            mgrs[v].wait()
+            dist.barrier()
+            t2 = time.perf_counter()
+            if timed:
+                times[f"save {v}"].append({"stall": t1 - t0, "done": t2 - t0})
+            for t in sd.values():  # training goes on: the checkpoint must hold the values at save time
+                if isinstance(t, DTensor):
+                    t.to_local().add_(1)
+        for v in RESTORES:
+            dest = state(0, zero=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            got = mgrs[v].restore(dest)
+            dist.barrier()
+            t1 = time.perf_counter()
+            ok = got is not None and same(dest, state(got))
+            correct = correct and ok
+            if timed:
+                times[f"restore {v}"].append({"s": t1 - t0})
+            if rank == 0:
+                print(f"[bench_tiers] round {rep}: restore {v} step {got} in {t1 - t0:.2f}s ok={ok}",
+                      file=sys.stderr, flush=True)
+    for m in mgrs.values():
+        m.close()
+    flags = [None] * world
+    dist.all_gather_object(flags, correct)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"times": times, "correct": all(flags), "rows": rows}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report(args: argparse.Namespace, data: dict[str, Any], wall: float) -> dict[str, Any]:
+    t = data["times"]
+
+    def med(name: str, field: str) -> float:
+        return statistics.median(r[field] for r in t[name])
+
+    state_gb = data["rows"] * COLS * 4 * N_TENSORS / 1e9
+    print(f"multi-tier checkpoints: {state_gb:.2f} GB fp32, 2 ranks as 2 nodes, local root /dev/shm, "
+          f"durable tier moto S3; {args.reps} interleaved rounds (+{args.warmup} warm-up), medians")
+    print(f"{'save':<14}{'stall s':>10}{'completion s':>14}")
+    for v in SAVES:
+        print(f"{v:<14}{med(f'save {v}', 'stall'):>10.3f}{med(f'save {v}', 'done'):>14.2f}")
+    print(f"{'restore':<14}{'s':>10}{'GB/s':>14}")
+    for v in RESTORES:
+        s = med(f"restore {v}", "s")
+        print(f"{v:<14}{s:>10.3f}{state_gb / s:>14.2f}")
+    stall_ratio = med("save local tier", "stall") / med("save plain async", "stall")
+    restore_speedup = med("restore remote", "s") / med("restore local tier", "s")
+    done_speedup = med("save remote", "done") / med("save local tier", "done")
+    targets = {
+        "local stall / plain async stall (<= 1.10)": (stall_ratio, stall_ratio <= 1.10),
+        "remote restore / local restore (>= 5)": (restore_speedup, restore_speedup >= 5.0),
+    }
+    for name, (value, met) in targets.items():
+        print(f"  {name}: {value:.2f} -> {'met' if met else 'NOT met'}")
+    print(f"  remote save completion / local save completion: {done_speedup:.1f}x")
+    print(f"  all restores bitwise correct: {data['correct']}; wall {wall:.0f}s")
+    return {"state_gb": state_gb, "reps": args.reps, "times": t, "correct": data["correct"],
+            "stall_ratio": stall_ratio, "restore_speedup": restore_speedup, "save_done_speedup": done_speedup,
+            "targets_met": all(m for _, m in targets.values()), "machine": platform.processor() or platform.machine()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0, help="total fp32 state in GiB (default 1)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved timed rounds (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    for hidden in ("--endpoint", "--bucket", "--out", "--tmp", "--shm"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.gib <= 0 or args.reps < 1 or args.warmup < 0:
+        ap.error("--gib must be positive, --reps >= 1, --warmup >= 0")
+    from tests.s3util import S3Endpoint
+
+    t0 = time.perf_counter()
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    shm = tempfile.mkdtemp(prefix="bench-tiers-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix="bench-tiers-") as tmp:
+            endpoint.make_bucket(bucket)
+            out = os.path.join(tmp, "result.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   os.path.abspath(__file__), "--worker", "--gib", repr(args.gib), "--reps", str(args.reps),
+                   "--warmup", str(args.warmup), "--endpoint", endpoint.url, "--bucket", bucket, "--out", out,
+                   "--tmp", tmp, "--shm", shm]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
+            if rc != 0:
+                print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
+                sys.exit(2)
+            with open(out) as f:
+                data = json.load(f)
+            endpoint.delete_bucket(bucket)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    result = report(args, data, time.perf_counter() - t0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}")
+    sys.exit(0 if result["correct"] else 1)
+
+
+if __name__ == "__main__":
+    main()
