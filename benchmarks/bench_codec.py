@@ -2,6 +2,7 @@
 """Chunk codec benchmark: ratio and single-core speed of shardckpt's byte-grouped zstd.
 
     python benchmarks/bench_codec.py [--repeats 3] [--chunk-mib 4] [--steps 300] [--json out.json]
+                                     [--sets minilm-fp32,minilm-bf16,...]
 
 Data (each tensor cut into chunks the way the engine cuts them: <= --chunk-mib,
 whole elements, never spanning tensors):
@@ -126,15 +127,20 @@ def datasets(args: argparse.Namespace) -> dict[str, tuple[int, list[torch.Tensor
         out["minilm-fp32"] = (4, w)
         out["minilm-bf16"] = (2, [t.bfloat16() for t in w])
         out["minilm-fp16"] = (2, [t.half() for t in w])
-    t0 = time.perf_counter()
-    m, v = adam_states(args.steps)
-    print(f"note: trained the MLP for {args.steps} Adam steps in {time.perf_counter() - t0:.1f} s")
-    out["adam-exp_avg"] = (4, m)
-    out["adam-exp_avg_sq"] = (4, v)
-    g = torch.Generator().manual_seed(1)
-    gauss = [torch.randn(args.gauss_mib << 18, generator=g) * 0.02]
-    out["gauss-fp32"] = (4, gauss)
-    out["gauss-bf16"] = (2, [t.bfloat16() for t in gauss])
+    wanted = set(args.sets) if getattr(args, "sets", None) else None
+    if wanted is None or wanted & {"adam-exp_avg", "adam-exp_avg_sq"}:  # skip training if unused
+        t0 = time.perf_counter()
+        m, v = adam_states(args.steps)
+        print(f"note: trained the MLP for {args.steps} Adam steps in {time.perf_counter() - t0:.1f} s")
+        out["adam-exp_avg"] = (4, m)
+        out["adam-exp_avg_sq"] = (4, v)
+    if wanted is None or wanted & {"gauss-fp32", "gauss-bf16"}:
+        g = torch.Generator().manual_seed(1)
+        gauss = [torch.randn(args.gauss_mib << 18, generator=g) * 0.02]
+        out["gauss-fp32"] = (4, gauss)
+        out["gauss-bf16"] = (2, [t.bfloat16() for t in gauss])
+    if wanted is not None:
+        out = {k: v for k, v in out.items() if k in wanted}
     return out
 
 
@@ -274,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--wall", action="store_true", help="time with wall clock, not thread CPU time")
     ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument(
+        "--sets",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=None,
+        help="comma-separated data sets to measure (default: all), e.g. "
+        "minilm-fp32,minilm-bf16,minilm-fp16",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 """Core benchmark: shardckpt vs torch.distributed.checkpoint (DCP), same run.
 
     python benchmarks/bench_core.py [--gib 2] [--repeats 3] [--warmup 1] [--dir /tmp/x] [--drop-caches] [--keep]
+                                    [--libs shardckpt,dcp,torch-save,torch-ckpt] [--json out.json]
 
 State: ``--gib`` GiB of fp32 in 16 DTensors, ``Shard(0)`` on a 1-D CPU mesh of 2
 gloo ranks; each rank builds only its own local shard (seeded ``randn`` per
@@ -39,6 +40,28 @@ Reported per operation: median seconds, GB/s (global tensor bytes / median,
 targets (save >= 1.5x, same-world load >= 1.2x, reshard 2->3 >= 1.5x; 2->1 is
 reported only).
 
+Other peers (``--libs``; off by default, used by ``python -m benchmarks``):
+
+  torch-save   what a job without a checkpoint library does: every rank
+               ``torch.save``s a dict of its local shards to its own file and
+               fsyncs it; loads ``torch.load(mmap=True, weights_only=True)`` the
+               files that hold the rows this rank needs and ``copy_`` the slices
+               (so a resharded load reads only the bytes it needs, as ours does).
+  torch-ckpt   Meta's ``torch_checkpointing`` (PyPI ``torch_checkpointing``):
+               ``CheckpointManager`` with a synchronous saver, ``DefaultResharder``
+               and ``LocalFileSystemStorageConfig(use_direct_io=False)`` (its
+               O_DIRECT write path fails on some filesystems; its resharding reader
+               still tries O_DIRECT and falls back to buffered reads where the
+               filesystem refuses). It never fsyncs, so each rank fsyncs the files it
+               wrote inside the timed region, as the other contenders do. Two
+               work-arounds for 0.1.1, nothing else of it is changed: its metadata
+               all-gather hard-codes ``device="cuda"`` (replaced by the same gather
+               through ``all_gather_object``), and its synchronous saver writes the
+               resharding metadata only on a manager's first save (its metadata
+               cache is turned off, so every save writes it).
+
+``--json PATH`` also writes the medians, GB/s, ratios and sizes as JSON.
+
 Page cache: without ``--drop-caches`` loads right after saves are served from the
 page cache for both libraries. With ``--drop-caches`` rank 0 runs ``sync`` and
 writes 3 to /proc/sys/vm/drop_caches before every timed load (outside the timed
@@ -68,9 +91,15 @@ N_TENSORS = 16
 COLS = 1024  # each tensor is [rows, COLS] fp32; rows are sharded
 SRC_WORLD = 2  # world size the checkpoints are saved with
 LIBS = ("shardckpt", "dcp")  # default --libs
-ALL_LIBS = ("shardckpt", "dcp", "shardckpt-zstd", "dcp-zstd")
+ALL_LIBS = ("shardckpt", "dcp", "shardckpt-zstd", "dcp-zstd", "torch-save", "torch-ckpt")
 # (ours, peer) pairs whose throughput ratio is reported when both ran
-PAIRS = (("shardckpt", "dcp"), ("shardckpt-zstd", "dcp-zstd"), ("shardckpt-zstd", "dcp"))
+PAIRS = (
+    ("shardckpt", "dcp"),
+    ("shardckpt-zstd", "dcp-zstd"),
+    ("shardckpt-zstd", "dcp"),
+    ("shardckpt", "torch-save"),
+    ("shardckpt", "torch-ckpt"),
+)
 CHECK_TENSORS = (0, N_TENSORS - 1)
 SEED = 20240611
 
@@ -190,6 +219,92 @@ def _drop_caches() -> dict[str, Any]:
     return {"ok": True, "cached_before_mib": before, "cached_after_mib": after}
 
 
+def _fsync_paths(paths: list[str]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _torch_save(sd: dict[str, Any], path: str, rank: int) -> None:
+    """Peer ``torch-save``: each rank writes its local shards to its own file, durably."""
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    f = os.path.join(path, f"rank{rank}.pt")
+    torch.save({k: v.to_local() for k, v in sd.items()}, f)
+    _fsync_paths([f, path])
+
+
+def _torch_load(sd: dict[str, Any], path: str, rows: int, world: int, rank: int) -> None:
+    """Peer ``torch-save`` load: mmap the source ranks' files holding our rows, copy slices."""
+    import torch
+
+    off, size = _shard_bounds(rows, world, rank)
+    for r in range(SRC_WORLD):
+        s_off, s_size = _shard_bounds(rows, SRC_WORLD, r)
+        lo, hi = max(off, s_off), min(off + size, s_off + s_size)
+        if lo >= hi:
+            continue
+        # mmap: only the pages of the rows copied are read, as a resharding library would
+        src = torch.load(
+            os.path.join(path, f"rank{r}.pt"), mmap=True, weights_only=True, map_location="cpu"
+        )
+        for k, v in sd.items():
+            v.to_local()[lo - off : hi - off].copy_(src[k][lo - s_off : hi - s_off])
+        del src
+
+
+def _torch_ckpt_manager() -> Any:
+    """Peer ``torch-ckpt``: Meta's torch_checkpointing, synchronous, resharding, no O_DIRECT."""
+    import torch.distributed as dist
+    from torch_checkpointing import CheckpointManager, ItemSpec, SyncCheckpointSaverConfig
+    from torch_checkpointing.default_resharder import DefaultResharder
+    from torch_checkpointing.metadata_manager import DefaultMetadataManager
+    from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+
+    def gather_on_cpu(self: Any, data: Any, process_group: Any = None) -> dict[int, Any]:
+        # Upstream pads pickles into tensors on device="cuda" (fails without CUDA);
+        # the same all-gather of pickled objects, on CPU.
+        out: list[Any] = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(out, data, group=process_group)
+        return dict(enumerate(out))
+
+    DefaultMetadataManager._all_gather_pickled_data = gather_on_cpu
+    mgr = CheckpointManager(
+        CheckpointManager.Config(
+            items={"model": ItemSpec(resharder=DefaultResharder())},
+            save=SyncCheckpointSaverConfig(),
+            storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
+        )
+    )
+    # 0.1.1's synchronous saver writes the sharding metadata only on the first save
+    # (later saves get None from the metadata cache, and their checkpoints cannot be
+    # resharded); recomputing it on every save is what a resharding-capable save costs.
+    mm = getattr(mgr, "_metadata_manager", None)
+    if mm is not None and hasattr(mm, "_should_cache_metadata"):
+        mm._should_cache_metadata = False
+    return mgr
+
+
+def _torch_ckpt_save(mgr: Any, sd: dict[str, Any], path: str, rank: int) -> None:
+    import torch.distributed as dist
+
+    mgr.save(path, {"model": sd})
+    # torch_checkpointing never fsyncs; make it as durable as the others, in the timed region
+    # (file names end in _<rank>.<ext> for rank files; rank 0 also takes the shared ones).
+    dist.barrier()
+    mine = []
+    for name in sorted(os.listdir(path)):
+        stem = os.path.splitext(name)[0]
+        owner = int(stem.rsplit("_", 1)[1]) if stem.rsplit("_", 1)[-1].isdigit() else 0
+        if owner == rank:
+            mine.append(os.path.join(path, name))
+    _fsync_paths(mine + ([path] if rank == 0 else []))
+
+
 def worker(args: argparse.Namespace) -> None:
     import warnings
 
@@ -232,6 +347,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.checkpoint._extension import ZStandard
 
     LIBS = tuple(args.libs)  # noqa: N806 - the run's libraries, in interleaving order
+    tc_mgr = _torch_ckpt_manager() if "torch-ckpt" in LIBS else None
     savers = {
         "shardckpt": lambda sd, p: shardckpt.save(sd, p),
         "dcp": lambda sd, p: dcp.save(sd, storage_writer=FileSystemWriter(p, sync_files=True)),
@@ -239,12 +355,16 @@ def worker(args: argparse.Namespace) -> None:
         "dcp-zstd": lambda sd, p: dcp.save(
             sd, storage_writer=FileSystemWriter(p, sync_files=True, _extensions=[ZStandard()])
         ),
+        "torch-save": lambda sd, p: _torch_save(sd, p, rank),
+        "torch-ckpt": lambda sd, p: _torch_ckpt_save(tc_mgr, sd, p, rank),
     }
     loaders = {
         "shardckpt": lambda sd, p: shardckpt.load(sd, p),
         "dcp": lambda sd, p: dcp.load(sd, storage_reader=FileSystemReader(p)),
         "shardckpt-zstd": lambda sd, p: shardckpt.load(sd, p),
         "dcp-zstd": lambda sd, p: dcp.load(sd, storage_reader=FileSystemReader(p)),
+        "torch-save": lambda sd, p: _torch_load(sd, p, rows, world, rank),
+        "torch-ckpt": lambda sd, p: tc_mgr.load(p, into={"model": sd}),
     }
     n_runs = args.warmup + args.repeats  # run j < args.warmup is an untimed warm-up
     last = {lib: ckpt_path(root, lib, n_runs - 1) for lib in LIBS}
@@ -314,6 +434,8 @@ def worker(args: argparse.Namespace) -> None:
     mine = impl() if impl else "unknown (no shardckpt._checksum.implementation)"
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)  # every rank's, in case one fell back to software
+    if tc_mgr is not None:
+        tc_mgr.close()
     if rank == 0:
         results["crc"] = sorted(set(every))
         with open(args.out, "w") as f:
@@ -463,6 +585,46 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], total_s
     return all_correct
 
 
+def summary(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run as JSON-ready data: per operation and library, median s and GB/s; ratios."""
+    gb = global_bytes(args.gib)
+    ops: dict[str, Any] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    for op in OPS:
+        res = next((r for r in results.values() if op in r["times"]), None)
+        if res is None:
+            continue
+        ops[op] = {}
+        for lib in args.libs:
+            ts = res["times"][op][lib]
+            med = statistics.median(ts)
+            ops[op][lib] = {
+                "median_s": med,
+                "gbps": gb / med / 1e9,
+                "times_s": ts,
+                "warmup_s": res.get("warmup_times", {}).get(op, {}).get(lib, []),
+                "correct": res.get("correct", {}).get(op, {}).get(lib),
+            }
+        ratios[op] = {
+            f"{ours}/{peer}": ops[op][peer]["median_s"] / ops[op][ours]["median_s"]
+            for ours, peer in PAIRS
+            if ours in ops[op] and peer in ops[op]
+        }
+    return {
+        "gib": args.gib,
+        "global_bytes": gb,
+        "world_save": SRC_WORLD,
+        "libs": list(args.libs),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "ops": ops,
+        "ratios": ratios,
+        "sizes_on_disk": next((r["sizes"] for r in results.values() if "sizes" in r), None),
+        "crc": sorted({c for r in results.values() for c in r.get("crc", [])}),
+        "wall_s": {p: r.get("wall_s") for p, r in results.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0, help="total fp32 state in GiB (default 2)")
@@ -487,6 +649,7 @@ def main() -> None:
     ap.add_argument(
         "--keep", action="store_true", help="keep the scratch directory (checkpoints, JSON)"
     )
+    ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--phases", default="ABC", help=argparse.SUPPRESS)  # dev: e.g. "A" or "AC"
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -529,6 +692,9 @@ def main() -> None:
         else:
             shutil.rmtree(root, ignore_errors=True)
     ok = report(args, results, time.perf_counter() - t0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary(args, results), f, indent=1)
     sys.exit(0 if ok else 1)
 
 

@@ -13,12 +13,13 @@ bound) and a small cache-resident one (default 1 MiB, compute bound). Each
 repetition times every contender once, in turn, so drift (frequency, noisy
 neighbours) hits all of them alike.
 
-    python benchmarks/bench_crc.py [--size-mib 256] [--repeats 7]
+    python benchmarks/bench_crc.py [--size-mib 256] [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--software-mib", type=int, default=8, help="buffer for the software fallback (default 8)"
     )
+    ap.add_argument("--json", default=None, help="also write the results (GB/s) as JSON here")
     args = ap.parse_args(argv)
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
@@ -157,11 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
 
+    ratios: dict[str, float] = {}
     if _ext is not None and _crc32c_pkg is not None:
         default = f"shardckpt default ({_ext.implementation()})"
         for label, res in (("large", results_big), ("cached", results_small)):
             ratio = res[default] / res["crc32c package"]
+            ratios[label] = ratio
             print(f"ratio shardckpt / crc32c package ({label} buffer): {ratio:.2f}x")
+    if args.json:
+        out = {
+            "implementation": _checksum.implementation(),
+            "large": {"bytes": big.nbytes, "gbps": results_big},
+            "large_bytes_by_name": sizes_big,
+            "cached": {"bytes": small.nbytes, "gbps": results_small},
+            "ratio_vs_crc32c_package": ratios,
+            "repeats": args.repeats,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
     return 0
 
 
