@@ -1,5 +1,5 @@
 """Build the C++ extensions (plain CPython buffer protocol, no libtorch):
-CRC32C and the byte-grouping kernels of the compression codec."""
+CRC32C, the byte-grouping kernels of the compression codec and the staging copy."""
 
 from setuptools import Extension, setup
 
@@ -18,6 +18,15 @@ setup(
             depends=["csrc/pyext_common.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+        ),
+        Extension(
+            "shardckpt._copy",
+            sources=["csrc/copy.cpp"],
+            depends=["csrc/pyext_common.h"],
+            language="c++",
+            # std::thread: the copy may be split over a few threads
+            extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread"],
+            extra_link_args=["-pthread"],
         ),
     ]
 )

@@ -1,13 +1,32 @@
 #!/usr/bin/env python
 """Async-save benchmark: shardckpt.async_save vs torch.distributed.checkpoint.async_save.
 
-    python benchmarks/bench_async.py [--gib 2] [--repeats 3] [--steps 60] [--every 10]
+    python benchmarks/bench_async.py [--phases CST] [--sizes 0.25,0.5,1] [--copy-repeats 7]
+                                     [--gib 2] [--repeats 3] [--steps 60] [--every 10]
                                      [--train-rounds 2] [--train-mode windows|runs]
-                                     [--dir /tmp/x] [--profile] [--keep]
+                                     [--dir /tmp/x] [--profile] [--keep] [--json PATH]
 
-Two phases, each a separate ``python -m torch.distributed.run --standalone``
+Three phases, each a separate ``python -m torch.distributed.run --standalone``
 (torchrun) launch of this same file with ``--phase``; rank 0 writes the results
-of every rank as JSON that this driver reads and reports.
+of every rank as JSON that this driver reads and reports. ``--json PATH`` also
+writes a summary: ``{"rows": [...], "stall_2nd_s": {...}, "training": {...},
+"targets": [...], "machine", "date", ...}``, one row per phase-C size:
+``{"size_bytes" (whole state), "rank_bytes", "ranks", "stall_s", "memcpy_s",
+"ratio", "paired_ratio", "first_stall_s", "kernel_s", "torch_copy_s", "plan_s",
+"stage_s", "stalls_s", "memcpys_s", "copy_impl", "copy_threads"}``.
+
+C (2 ranks)  the stall against the memory-copy floor (issue 12 section 3). For
+             each ``--sizes`` GiB (whole state, the state of ``bench_core.py``):
+             one warm-up shardckpt.async_save (allocates the staging pool), then
+             ``--copy-repeats`` rounds of: one async_save (stall timed, commit
+             awaited, directory removed, os.sync) and three copies of this rank's
+             shard into reused, pre-faulted buffers: libc memcpy per tensor (the
+             floor), shardckpt's copy kernel alone, torch.Tensor.copy_. Both ranks
+             start each together (barrier); the order alternates per round (save
+             first, then floors first), so drift hits both sides alike. Per round
+             the max over ranks; reported: medians, ratio = median stall / median
+             memcpy, paired = median of the per-round ratios, and the stall split
+             into planning and staging. Target: ratio <= 1.25.
 
 S (2 ranks)  stall / commit / memory. The state of ``bench_core.py``: ``--gib``
              GiB of fp32 in 16 DTensors ``Shard(0)`` on a 1-D CPU mesh of 2 gloo
@@ -94,6 +113,7 @@ T (2 ranks)  training loop. An MLP (~25M parameters, batch 32, fused Adam: a
              the previous save, CPU contention from background writers.
              Slowdown = (t - t_none) / t_none.
 
+Targets (issue 12 section 3): phase C 2nd+ stall <= 1.25x the memcpy floor.
 Targets (issue 3): 2nd+ stall <= 0.2x DCP async_save's (default stager);
 staging >= 8 GB/s per rank; budgeted peak extra RSS <= budget + 64 MiB; training
 slowdown of shardckpt async <= 1/3 of DCP async's.
@@ -123,9 +143,10 @@ for _p in (_REPO, _HERE):  # benchmark the checkout this file lives in; bench_co
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench_core import _make_state, _source_shard, global_bytes, rows_for  # noqa: E402
+from bench_core import N_TENSORS, _make_state, _source_shard, global_bytes, rows_for  # noqa: E402
 
-PHASES = {"S": 2, "T": 2}
+PHASES = {"C": 2, "S": 2, "T": 2}
+FLOOR_RATIO_TARGET = 1.25  # issue 12 section 3: 2nd+ stall <= 1.25x plain memcpy
 S_VARIANTS = ("shardckpt", "shardckpt-budget", "dcp", "dcp-cached", "dcp-bgstage")
 T_CONFIGS = ("none", "shardckpt-async", "shardckpt-sync", "dcp-async")
 BUDGET_FRACTION = 0.25
@@ -499,6 +520,135 @@ def phase_s(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Phase C: the stall against the memory-copy floor
+# ---------------------------------------------------------------------------
+
+
+def _floor_copies(src: list[Any], dst: list[Any]) -> dict[str, Callable[[], None]]:
+    """Copies of this rank's shard into reused, pre-faulted buffers, without shardckpt.
+
+    memcpy  libc memcpy per tensor (ctypes.memmove on the data pointers): the floor
+    kernel  shardckpt's staging kernel alone (``_copy_shim.copy_many``, no Python
+            per item, no planning): what staging would cost with zero overhead
+    copy_   torch.Tensor.copy_ per tensor (what staging used before the extension)
+    """
+    import ctypes
+
+    import torch
+
+    from shardckpt import _copy_shim
+    from shardckpt.staging import copy_threads
+
+    ptrs = [(d.data_ptr(), t.data_ptr(), d.numel()) for d, t in zip(dst, src)]
+    dn = [d.numpy() for d in dst]
+    sn = [t.reshape(-1).view(torch.uint8).numpy() for t in src]
+    flat = [(d.view(t.dtype).view(t.shape), t) for d, t in zip(dst, src)]
+
+    def memcpy() -> None:
+        for d, s, n in ptrs:
+            ctypes.memmove(d, s, n)
+
+    def kernel() -> None:
+        _copy_shim.copy_many(dn, sn, threads=copy_threads())
+
+    def torch_copy() -> None:
+        for d, t in flat:
+            d.copy_(t)
+
+    return {"memcpy": memcpy, "kernel": kernel, "copy_": torch_copy}
+
+
+def _timed_save(
+    sd: dict[str, Any], path: str, breakdown: dict[str, float] | None, rank: int
+) -> dict[str, float]:
+    """One shardckpt.async_save, both ranks starting together: its stall (and split),
+    then the commit is awaited and the checkpoint removed before anything else runs."""
+    import torch.distributed as dist
+
+    import shardckpt
+
+    if breakdown is not None:
+        breakdown.update(plan=0.0, stage=0.0)
+    dist.barrier()
+    t0 = time.perf_counter()
+    h = shardckpt.async_save(sd, path)
+    rec = {"stall": time.perf_counter() - t0}
+    h.result()
+    if breakdown is not None:
+        rec.update(plan=breakdown["plan"], stage=breakdown["stage"])
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.sync()  # no dirty pages of this save compete with the next copy
+    dist.barrier()
+    return rec
+
+
+def phase_c(args: argparse.Namespace) -> dict[str, Any]:
+    """Per size: the 2nd+ async_save stall and the floors, interleaved round by round."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import shardckpt
+    from shardckpt import _copy_shim
+    from shardckpt.staging import copy_threads
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    root = args.dir
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[phase C | {world} ranks] {msg}", file=sys.stderr, flush=True)
+
+    breakdown = _instrument_shardckpt()
+    log(f"copy backend {_copy_shim.implementation()}, {copy_threads()} copy thread(s) per rank")
+    sizes: list[dict[str, Any]] = []
+    for gib in args.sizes:
+        rows = rows_for(gib)
+        sd = _make_state(mesh, rows, lambda i, size, r, rows=rows: _source_shard(i, rows, r))
+        local = [t.to_local() for t in sd.values()]
+        my_bytes = sum(t.numel() * t.element_size() for t in local)
+        dst = [torch.empty(t.numel() * t.element_size(), dtype=torch.uint8).zero_() for t in local]
+        floors = _floor_copies(local, dst)
+        records: list[dict[str, Any]] = []
+        # the first save allocates and faults in the staging pool
+        first = _timed_save(sd, os.path.join(root, f"C-{gib}-first"), breakdown, rank)
+        for rnd in range(args.copy_repeats):
+            rec: dict[str, Any] = {"round": rnd}
+            # alternate the order, so drift on a shared machine hits both sides alike
+            order = ["save", *floors] if rnd % 2 == 0 else [*floors, "save"]
+            for what in order:
+                gc.collect()
+                if what == "save":
+                    path = os.path.join(root, f"C-{gib}-r{rnd}")
+                    rec.update(_timed_save(sd, path, breakdown, rank))
+                else:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    floors[what]()
+                    rec[what] = time.perf_counter() - t0
+            records.append(rec)
+            log(
+                f"{gib:g} GiB round {rnd}: stall {rec['stall'] * 1e3:6.1f} ms, memcpy "
+                f"{rec['memcpy'] * 1e3:6.1f} ms, kernel {rec['kernel'] * 1e3:6.1f} ms, copy_ "
+                f"{rec['copy_'] * 1e3:6.1f} ms"
+            )
+        sizes.append({"gib": gib, "my_bytes": my_bytes, "first": first, "records": records})
+        del sd, local, dst, floors
+        gc.collect()
+        malloc_trim()
+    shardckpt.close()
+    return {
+        "sizes": sizes,
+        "copy_impl": _copy_shim.implementation(),
+        "copy_threads": copy_threads(),
+        "breakdown": breakdown is not None,
+    }
+
+
+# ---------------------------------------------------------------------------
 # Phase T: training loop
 # ---------------------------------------------------------------------------
 
@@ -733,7 +883,7 @@ def worker(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != PHASES[args.phase]:
         raise SystemExit(f"phase {args.phase} needs {PHASES[args.phase]} ranks, got {world}")
-    res = phase_s(args) if args.phase == "S" else phase_t(args)
+    res = {"C": phase_c, "S": phase_s, "T": phase_t}[args.phase](args)
     res["torch_threads"] = torch.get_num_threads()
     every: list[Any] = [None] * world
     dist.all_gather_object(every, res)
@@ -778,6 +928,10 @@ def run_phase(phase: str, args: argparse.Namespace, root: str) -> dict[str, Any]
         root,
         "--out",
         out,
+        "--sizes",
+        ",".join(repr(g) for g in args.sizes),
+        "--copy-repeats",
+        str(args.copy_repeats),
     ] + (["--profile"] if args.profile else [])
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -790,12 +944,128 @@ def run_phase(phase: str, args: argparse.Namespace, root: str) -> dict[str, Any]
     return res
 
 
+def _gib_list(text: str) -> list[float]:
+    """``--sizes``: comma-separated positive GiB values."""
+    try:
+        sizes = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of GiB: {text!r}") from None
+    if not sizes or any(g <= 0 for g in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive GiB values: {text!r}")
+    return sizes
+
+
+def _machine() -> str:
+    """CPU model and count, from /proc/cpuinfo (the CPU changes between sessions)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPU(s)"
+
+
 def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
 def _verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
+
+
+def _worst(per_rank: list[dict[str, Any]], field: str) -> list[float]:
+    """Per round, the slowest rank's ``field`` (a collective save waits for the slowest)."""
+    n = len(per_rank[0]["records"])
+    return [max(pr["records"][i][field] for pr in per_rank) for i in range(n)]
+
+
+def report_c(
+    args: argparse.Namespace, res: dict[str, Any], targets: list[tuple[str, str, str]]
+) -> list[dict[str, Any]]:
+    """Print phase C's table; return its JSON rows (one per state size)."""
+    ranks = res["ranks"]
+    world = len(ranks)
+    r0 = ranks[0]
+    print(
+        f"Phase C: shardckpt.async_save 2nd+ stall vs the memory-copy floor; {world} gloo ranks, "
+        f"{N_TENSORS} fp32 DTensors Shard(0); {args.copy_repeats} rounds per size, save and floors "
+        "interleaved (order alternating per round), both ranks copying at once"
+    )
+    print(
+        f"  copy backend {r0['copy_impl']}, {r0['copy_threads']} copy thread(s) per rank; "
+        "per save / copy the max over ranks; medians over rounds"
+    )
+    print(
+        "  memcpy = libc memcpy of each tensor into reused, pre-faulted buffers (the floor); "
+        "kernel = shardckpt's copy kernel alone; copy_ = torch.Tensor.copy_"
+    )
+    print(
+        "  ratio = median stall / median memcpy; paired = median over rounds of stall / memcpy "
+        "of the same round"
+    )
+    print()
+    hdr = (
+        f"{'GiB':>5s} {'MiB/rank':>8s} {'1st s':>6s} {'stall ms':>8s} {'memcpy ms':>9s} "
+        f"{'ratio':>6s} {'paired':>6s} {'kernel ms':>9s} {'copy_ ms':>8s} {'plan ms':>7s} "
+        f"{'stage ms':>8s} {'GB/s/rank':>9s}  stalls / memcpys (ms)"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    rows: list[dict[str, Any]] = []
+    for k, size in enumerate(r0["sizes"]):
+        per_rank = [r["sizes"][k] for r in ranks]
+        stall, memcpy = _worst(per_rank, "stall"), _worst(per_rank, "memcpy")
+        med = {f: _med(_worst(per_rank, f)) for f in ("stall", "memcpy", "kernel", "copy_")}
+        for f in ("plan", "stage"):
+            med[f] = _med(_worst(per_rank, f)) if r0["breakdown"] else float("nan")
+        ratio = med["stall"] / med["memcpy"]
+        paired = _med([a / b for a, b in zip(stall, memcpy)])
+        rank_bytes = max(pr["my_bytes"] for pr in per_rank)
+        first = max(pr["first"]["stall"] for pr in per_rank)
+        print(
+            f"{size['gib']:5g} {rank_bytes / MiB:8.0f} {first:6.2f} {med['stall'] * 1e3:8.1f} "
+            f"{med['memcpy'] * 1e3:9.1f} {ratio:6.2f} {paired:6.2f} {med['kernel'] * 1e3:9.1f} "
+            f"{med['copy_'] * 1e3:8.1f} {med['plan'] * 1e3:7.1f} {med['stage'] * 1e3:8.1f} "
+            f"{rank_bytes / med['stall'] / 1e9:9.2f}  "
+            + " ".join(f"{t * 1e3:.0f}" for t in stall)
+            + " / "
+            + " ".join(f"{t * 1e3:.0f}" for t in memcpy)
+        )
+        rows.append(
+            {
+                "size_bytes": global_bytes(size["gib"]),
+                "rank_bytes": rank_bytes,
+                "ranks": world,
+                "stall_s": med["stall"],
+                "memcpy_s": med["memcpy"],
+                "ratio": ratio,
+                "paired_ratio": paired,
+                "first_stall_s": first,
+                "kernel_s": med["kernel"],
+                "torch_copy_s": med["copy_"],
+                "plan_s": med["plan"],
+                "stage_s": med["stage"],
+                "stalls_s": stall,
+                "memcpys_s": memcpy,
+                "copy_impl": r0["copy_impl"],
+                "copy_threads": r0["copy_threads"],
+            }
+        )
+    print()
+    for row in rows:
+        targets.append(
+            (
+                f"2nd+ stall vs memcpy floor, {row['rank_bytes'] / MiB:.0f} MiB/rank",
+                f"{row['stall_s'] * 1e3:.1f} / {row['memcpy_s'] * 1e3:.1f} ms = "
+                f"{row['ratio']:.2f}x (paired {row['paired_ratio']:.2f}x)",
+                f"<= {FLOOR_RATIO_TARGET}x  {_verdict(row['ratio'] <= FLOOR_RATIO_TARGET)}",
+            )
+        )
+    return rows
 
 
 def report_s(
@@ -928,10 +1198,9 @@ def report_s(
 
 def report_t(
     args: argparse.Namespace, res: dict[str, Any], targets: list[tuple[str, str, str]]
-) -> None:
+) -> dict[str, Any]:
     if "windows" in res["ranks"][0]:
-        report_t_windows(args, res, targets)
-        return
+        return report_t_windows(args, res, targets)
     ranks = res["ranks"]
     r0 = ranks[0]
     print(
@@ -1002,11 +1271,12 @@ def report_t(
             f"<= 1/3 of DCP's  {_verdict(ok)}",
         )
     )
+    return {"mode": "runs", "mean_step_s": mean, "slowdown": slow}
 
 
 def report_t_windows(
     args: argparse.Namespace, res: dict[str, Any], targets: list[tuple[str, str, str]]
-) -> None:
+) -> dict[str, Any]:
     ranks = res["ranks"]
     r0 = ranks[0]
     k = args.every
@@ -1079,6 +1349,7 @@ def report_t_windows(
     targets.append(
         (f"training slowdown, async every {k} steps", val, f"<= 1/3 of DCP's  {_verdict(ok)}")
     )
+    return {"mode": "windows", "step_s": step, "slowdown": slow}
 
 
 def main() -> None:
@@ -1108,7 +1379,24 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile one shardckpt.async_save on rank 0"
     )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (JSON)")
-    ap.add_argument("--phases", default="ST", help=argparse.SUPPRESS)  # dev: "S" or "T"
+    ap.add_argument(
+        "--phases",
+        default="CST",
+        help="phases to run, letters from CST (default CST; the copy-floor table alone: C)",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=_gib_list,
+        default=[0.25, 0.5, 1.0],
+        help="phase C: total state sizes in GiB, comma-separated (default 0.25,0.5,1)",
+    )
+    ap.add_argument(
+        "--copy-repeats",
+        type=int,
+        default=7,
+        help="phase C: rounds (save + floors) per size after the first save (default 7)",
+    )
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1116,12 +1404,14 @@ def main() -> None:
         ap.error("--repeats must be >= 3")
     if args.gib <= 0 or args.steps < 1 or args.every < 1 or args.train_rounds < 1:
         ap.error("--gib, --steps, --every and --train-rounds must be positive")
+    if args.copy_repeats < 1:
+        ap.error("--copy-repeats must be positive")
 
     if args.phase is not None:
         worker(args)
         return
     if not args.phases or set(args.phases) - set(PHASES):
-        ap.error("--phases: letters from ST")
+        ap.error("--phases: letters from CST")
 
     t0 = time.perf_counter()
     if args.dir:
@@ -1154,16 +1444,32 @@ def main() -> None:
     )
     print()
     targets: list[tuple[str, str, str]] = []
+    summary: dict[str, Any] = {
+        "benchmark": "bench_async",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "rows": [],
+    }
+    if "C" in results:
+        summary["rows"] = report_c(args, results["C"], targets)
     if "S" in results:
-        report_s(args, results["S"], targets)
+        summary["stall_2nd_s"] = report_s(args, results["S"], targets)
     if "T" in results:
-        report_t(args, results["T"], targets)
-    print("targets (issue 3):")
+        summary["training"] = report_t(args, results["T"], targets)
+    print("targets (issue 3; copy floor: issue 12 section 3):")
     for name, val, verdict in targets:
         print(f"  {name:42s} {val:58s} {verdict}")
     print()
     walls = ", ".join(f"{p}: {r['wall_s']:.0f}s" for p, r in results.items())
     print(f"total wall time {time.perf_counter() - t0:.0f}s (phases incl. launch: {walls})")
+    if args.json:
+        summary["targets"] = [{"name": n, "value": v, "verdict": x} for n, v, x in targets]
+        summary["wall_s"] = {p: r["wall_s"] for p, r in results.items()}
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"results written to {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":
