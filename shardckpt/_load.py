@@ -25,6 +25,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
+from torch.distributed.checkpoint.stateful import Stateful
 
 from ._dist import Group
 from .dcp.planner import SafeLoadPlanner, mismatch_error
@@ -45,11 +46,14 @@ def load_state_dict(state_dict: dict[str, Any], path: str | os.PathLike[str], st
     reader = ShardckptReader(path, manifest=manifest, storage_options=storage_options,
                              process_group=process_group)
     planner = SafeLoadPlanner(strict=strict)
+    # Stateful values load as DCP loads them: into their state_dict, handed back only
+    # after every rank's read succeeded
+    flat = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
 
     def local() -> LoadPlan:
         # A Metadata without slices: the planner's own bookkeeping (flattening, mappings)
         # needs one; what is stored is in the manifest.
-        planner.set_up_planner(state_dict, Metadata({}), group.is_coordinator)
+        planner.set_up_planner(flat, Metadata({}), group.is_coordinator)
         reader.set_up_storage_reader(Metadata({}), group.is_coordinator, rank=group.rank)
         return plan_local_load(planner, manifest, strict)
 
@@ -62,6 +66,11 @@ def load_state_dict(state_dict: dict[str, Any], path: str | os.PathLike[str], st
     # read_data may run collectives (shared reads): bounded and typed like every other one
     with group.guard(f"load from {where}", CheckpointReadError, lost_contact=False):
         group.run(f"load from {where}", lambda: reader.read_data(plan, planner).wait(), CheckpointReadError)
+    for k, v in state_dict.items():
+        if isinstance(v, Stateful):
+            v.load_state_dict(flat[k])
+        else:
+            state_dict[k] = flat[k]  # values the load replaced (non-tensors)
 
 
 def plan_local_load(planner: SafeLoadPlanner, manifest: Manifest, strict: bool) -> LoadPlan:

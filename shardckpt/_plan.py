@@ -277,8 +277,9 @@ def _check_disjoint(key: str, off: np.ndarray, siz: np.ndarray) -> None:
 def _split_by_rank(world: int, parts: list[Any], replicated: list[Any]) -> list[Assignment]:
     cols = [np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, dtype=np.int64) for c in range(4)]
     ranks, pos, key_nos, boxes = cols
-    # by rank only (a stable radix sort): within a rank, items stay in key order
-    order = np.argsort(ranks, kind="stable")
+    # by rank, then by position in the rank's own plan (its shard file keeps the
+    # state_dict's order): one integer key, one stable (radix) sort
+    order = np.argsort(ranks * (int(pos.max(initial=0)) + 1) + pos, kind="stable")
     ranks, pos, key_nos, boxes = ranks[order], pos[order], key_nos[order], boxes[order]
     cut = np.searchsorted(ranks, np.arange(world + 1))
     rep_r = np.concatenate([r for r, _ in replicated]) if replicated else np.zeros(0, dtype=np.int64)

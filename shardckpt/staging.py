@@ -187,12 +187,16 @@ class SlabStream:
             index: StagedTensor(t.dtype, t.numel() * t.element_size(), self._consume(index)) for index, t in items
         }
         self._abort = threading.Event()
+        self._failed: BaseException | None = None
 
     def _consume(self, index: MetadataIndex) -> Iterator[tuple[memoryview, Release | None]]:
         q = self._queues[index]
         while True:
             got = q.get()
             if got is None:
+                if self._failed is not None:  # the producer stopped: never write a torn item
+                    raise RuntimeError(f"staging stopped before key {index.fqn!r} was copied: "
+                                       f"{type(self._failed).__name__}: {self._failed}")
                 return
             yield got
 
@@ -203,7 +207,17 @@ class SlabStream:
             self._free.put(-1)
 
     def produce(self) -> None:
-        """Copy every item slab by slab; blocks while both slabs are being written."""
+        """Copy every item slab by slab; blocks while both slabs are being written. If a
+        copy fails, the writer is released (its items end in an error, not a hang)."""
+        try:
+            self._produce()
+        except BaseException as e:
+            self._failed = e
+            for q in self._queues.values():
+                q.put(None)
+            raise
+
+    def _produce(self) -> None:
         slab_bytes = self._slabs[0].numel()
         slab_views = [slab.numpy() for slab in self._slabs]
         threads = copy_threads()

@@ -397,3 +397,34 @@ def test_async_save_of_every_dtype_holds_values_at_call_time(tmp_path, staging_b
     for k, v in expected.items():
         assert _bytes_of(out[k]) == _bytes_of(v), k
     shardckpt.verify(tmp_path / "c")
+
+
+def test_a_failed_staging_copy_releases_the_writer(tmp_path, monkeypatch):
+    """Budgeted mode: the caller's copy fails midway; the background write must end
+    (in an error, nothing committed), not wait forever for slabs that never come."""
+    import shardckpt
+    from shardckpt import staging
+
+    calls = {"n": 0}
+    real = staging.SlabStream._filler
+
+    def failing(self, t, slab_views, threads):
+        fill = real(self, t, slab_views, threads)
+
+        def f(slab, start, n):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise MemoryError("simulated copy failure")
+            fill(slab, start, n)
+
+        return f
+
+    monkeypatch.setattr(staging.SlabStream, "_filler", failing)
+    sd = {f"t{i}": torch.arange(4096, dtype=torch.float32) + i for i in range(4)}
+    with shardckpt.AsyncCheckpointer() as ckpt:
+        with pytest.raises((MemoryError, shardckpt.CheckpointWriteError)):
+            h = ckpt.async_save(sd, tmp_path / "c", staging_budget_bytes=8192)
+            h.result()
+        with pytest.raises(shardckpt.CheckpointWriteError):
+            ckpt.wait()  # the background part ended too, with an error
+    assert not (tmp_path / "c" / "manifest.json").exists()
