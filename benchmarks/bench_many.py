@@ -15,7 +15,7 @@ call, barrier, clock):
   load         shardckpt.load vs dcp.load(FileSystemReader), same world size
   async stall  the 2nd+ blocking part of shardckpt.async_save vs dcp.async_save
                (each handle's result() is awaited outside the timed region)
-  restore      CheckpointManager.restore (verify_on_restore=True) vs a plain
+  restore      CheckpointManager.restore (default verify_on_restore=True) vs a plain
                shardckpt.load of the same checkpoint (target <= 1.1x)
 Targets (printed, never asserted): save, load and async stall <= 0.5x DCP's.
 """
