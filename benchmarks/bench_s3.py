@@ -42,11 +42,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,36 +358,16 @@ def main() -> None:
 
     import resource
 
-    from tests.s3util import S3Endpoint
+    from benchmarks._s3_launch import run_ranks_on_s3, write_json
 
     t0 = time.perf_counter()
     mach = machine()
-    bucket = f"bench-{uuid.uuid4().hex[:10]}"
-    with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
-        endpoint.make_bucket(bucket)
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.ranks), os.path.abspath(__file__), "--worker",
-               "--gib", repr(args.gib), "--reps", str(args.reps), "--warmup", str(args.warmup), "--endpoint", endpoint.url,
-               "--bucket", bucket, "--server-pid", str(os.getpid()), "--out", out]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
-        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        print(f"moto S3 server {endpoint.url} (pid {os.getpid()}), bucket {bucket}", file=sys.stderr)
-        # Worker chatter goes to stderr so stdout carries only the report.
-        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
-        if rc != 0:
-            print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
-            sys.exit(2)
-        with open(out) as f:
-            data = json.load(f)
-        endpoint.delete_bucket(bucket)
+    data = run_ranks_on_s3(__file__, args.ranks, ["--gib", repr(args.gib), "--reps", str(args.reps),
+                                                  "--warmup", str(args.warmup), "--server-pid", str(os.getpid())],
+                           "bench-s3-")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = report(args, data, mach, time.perf_counter() - t0, rss)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {args.json}")
+    write_json(result, args.json)
     sys.exit(0 if result["all_correct"] else 1)
 
 

@@ -31,11 +31,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,35 +201,15 @@ def main() -> None:
     if args.gib <= 0 or args.reps < 1 or args.ranks < 2 or args.warmup < 0:
         ap.error("--gib must be positive, --reps >= 1, --ranks >= 2, --warmup >= 0")
 
-    from tests.s3util import S3Endpoint
+    from benchmarks._s3_launch import run_ranks_on_s3, write_json
 
     t0 = time.perf_counter()
     mach = machine()
-    bucket = f"bench-{uuid.uuid4().hex[:10]}"
-    with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix="bench-shared-",
-                                                                dir=args.local_dir) as tmp:
-        endpoint.make_bucket(bucket)
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.ranks), os.path.abspath(__file__), "--worker",
-               "--gib", repr(args.gib), "--reps", str(args.reps), "--warmup", str(args.warmup),
-               "--endpoint", endpoint.url, "--bucket", bucket, "--local-dir", tmp, "--out", out]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
-        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        print(f"moto S3 server {endpoint.url} (pid {os.getpid()}), bucket {bucket}", file=sys.stderr)
-        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode  # stdout: the report only
-        if rc != 0:
-            print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
-            sys.exit(2)
-        with open(out) as f:
-            data = json.load(f)
-        endpoint.delete_bucket(bucket)
+    data = run_ranks_on_s3(__file__, args.ranks, ["--gib", repr(args.gib), "--reps", str(args.reps),
+                                                  "--warmup", str(args.warmup), "--local-dir", "{tmp}"],
+                           "bench-shared-", tmp_dir=args.local_dir)
     result = report(args, data, mach, time.perf_counter() - t0)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {args.json}")
+    write_json(result, args.json)
     sys.exit(0 if result["all_correct"] else 1)
 
 

@@ -36,11 +36,9 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,35 +184,18 @@ def main() -> None:
         return
     if args.gib <= 0 or args.reps < 1 or args.warmup < 0:
         ap.error("--gib must be positive, --reps >= 1, --warmup >= 0")
-    from tests.s3util import S3Endpoint
+    from benchmarks._s3_launch import run_ranks_on_s3, write_json
 
     t0 = time.perf_counter()
-    bucket = f"bench-{uuid.uuid4().hex[:10]}"
     shm = tempfile.mkdtemp(prefix="bench-tiers-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
-        with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix="bench-tiers-") as tmp:
-            endpoint.make_bucket(bucket)
-            out = os.path.join(tmp, "result.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   os.path.abspath(__file__), "--worker", "--gib", repr(args.gib), "--reps", str(args.reps),
-                   "--warmup", str(args.warmup), "--endpoint", endpoint.url, "--bucket", bucket, "--out", out,
-                   "--tmp", tmp, "--shm", shm]
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
-            if rc != 0:
-                print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
-                sys.exit(2)
-            with open(out) as f:
-                data = json.load(f)
-            endpoint.delete_bucket(bucket)
+        data = run_ranks_on_s3(__file__, 2, ["--gib", repr(args.gib), "--reps", str(args.reps),
+                                             "--warmup", str(args.warmup), "--tmp", "{tmp}", "--shm", shm],
+                               "bench-tiers-", omp_threads=1)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     result = report(args, data, time.perf_counter() - t0)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {args.json}")
+    write_json(result, args.json)
     sys.exit(0 if result["correct"] else 1)
 
 
