@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
 
 from ._dist import Group
 from ._plan import Assignment, Skeleton, Summary
 from .errors import CheckpointWriteError
 
-__all__ = ["CachedPlan", "lookup", "remember", "forget_all"]
+__all__ = ["CachedPlan", "lookup", "remember", "forget_all", "local_fingerprint", "local_plan", "remember_local"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +68,41 @@ def remember(group: Group, plan: CachedPlan) -> None:
 def forget_all() -> None:
     """Drop every cached plan (tests; a process that rebuilt its groups)."""
     _cache.clear()
+    _local.clear()
+
+
+# -- this rank's local plan: DCP's create_local_plan, skipped when the flattened
+# state_dict has the same structure (what each WriteItem is made of) as last time
+
+_local: dict[tuple[object, int, int], tuple[tuple[Any, ...], Any]] = {}
+
+
+def local_fingerprint(flat: dict[str, Any], mappings: Any) -> tuple[Any, ...] | None:
+    """What DCP's local plan of ``flat`` depends on, per key: the key path, and the
+    kind, dtype and global shape, and for a DTensor its mesh, placements and local
+    shape. None (never cached) for anything else that is a tensor (ShardedTensor,
+    subclasses): their plans come from hooks this cannot see."""
+    out = []
+    for key, v in flat.items():
+        path = tuple(mappings.get(key, (key,))) if isinstance(mappings, dict) else (key,)
+        if isinstance(v, DTensor):
+            mesh = v.device_mesh
+            out.append((key, path, "d", v.dtype, tuple(v.shape), id(mesh), tuple(mesh.mesh.shape),
+                        tuple(mesh.get_coordinate() or ()), tuple(v.placements), tuple(v.to_local().shape)))
+        elif type(v) is torch.Tensor or type(v) is torch.nn.Parameter:
+            out.append((key, path, "t", v.dtype, tuple(v.shape)))
+        elif isinstance(v, torch.Tensor):
+            return None
+        else:
+            out.append((key, path, "o"))
+    return tuple(out)
+
+
+def local_plan(group: Group, fp: tuple[Any, ...] | None) -> Any:
+    hit = _local.get(_key(group))
+    return hit[1] if fp is not None and hit is not None and hit[0] == fp else None
+
+
+def remember_local(group: Group, fp: tuple[Any, ...] | None, plan: Any) -> None:
+    if fp is not None:
+        _local[_key(group)] = (fp, plan)
