@@ -86,8 +86,7 @@ def plan_local_load(planner: SafeLoadPlanner, manifest: Manifest, strict: bool) 
         if is_tensor != isinstance(e, TensorEntry):
             mismatched[key] = (f"checkpoint holds a {'tensor' if not is_tensor else 'non-tensor value'}, "
                                f"state_dict a {'tensor' if is_tensor else type(value).__name__}")
-        elif is_tensor:
-            assert isinstance(e, TensorEntry)
+        elif isinstance(e, TensorEntry):
             if tuple(value.shape) != e.shape:
                 mismatched[key] = f"shape {list(e.shape)} in checkpoint, {list(value.shape)} in state_dict"
             elif _name(value.dtype) != e.dtype:

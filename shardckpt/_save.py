@@ -176,7 +176,8 @@ def plan_save(
             return fingerprints(planner, local_plan, assignment.replicated)
 
         def compare(crcs: list[list[int]]) -> str | None:
-            assert cached is not None and cached.summaries is not None and cached.replicated_of is not None
+            if cached is None or cached.summaries is None or cached.replicated_of is None:
+                raise CheckpointWriteError("the replica check ran without the coordinator's plan")
             held = [[replica_key(s, p) for p in pos] for s, pos in zip(cached.summaries, cached.replicated_of)]
             found = divergence_of(held, crcs)
             if found is not None and check_replicas == "error":

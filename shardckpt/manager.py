@@ -28,24 +28,19 @@ all ranks, on a gloo group (the given/default group if it is gloo, else one
 created once in the constructor), so no rank diverges. Only rank 0 deletes
 (retention) and holds the owner marker.
 
-Restore strategy (``verify_on_restore``): ``True`` (default) verifies exactly
-what each rank loads, while it loads: ``load`` checks the CRC32C (and decoding)
-of every chunk before its bytes reach a tensor. If the load fails as corrupt,
-tensors may hold part of that checkpoint's values, so the previous checkpoint
-is loaded into the same state, which writes every tensor again (strict load),
-and ``load_state_dict`` of Stateful objects only runs after a load succeeded;
-if no fallback succeeds the call raises and the state must be considered
-garbage. ``"before"``: the ranks first verify the candidate together (each a
-1/N share) and load only one that verified, so a corrupt newest checkpoint
-never touches the state, at the cost of reading it twice. ``False`` is the
-same as ``True``: no load skips its checks.
+Restore (``verify_on_restore``): ``True`` (default) verifies exactly what each
+rank loads, while loading (CRC32C and decoding of every chunk before its bytes
+reach a tensor). A load failing as corrupt may leave part of that checkpoint in
+the tensors, so the previous one is loaded into the same state (strict: every
+tensor is written again; Stateful ``load_state_dict`` runs only after a load
+succeeded); if none succeeds the call raises and the state is garbage.
+``"before"``: the ranks verify a candidate together (1/N each) and load only
+one that verified (the state is never touched by a corrupt one; read twice).
+``False`` is the same as ``True``: no load skips its checks.
 
 Preemption: see ``install_signal_handlers`` (torchrun ``--max-restarts``).
-
-Tiers (``local_root=``): every save goes to node-local storage with peer
-replicas, every ``persist_interval_steps`` (and on preemption) also to
-``root``, both in the background; ``restore`` takes the newest valid step of
-either tier (``shardckpt.tiers``).
+Tiers (``local_root=``, ``shardckpt.tiers``): saves go to node-local storage with
+peer replicas, every ``persist_interval_steps`` (and on preemption) also to ``root``.
 """
 
 from __future__ import annotations

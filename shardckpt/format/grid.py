@@ -63,9 +63,8 @@ class Grid:
 
     def _cell(self, d: int, i: int) -> tuple[int, int]:
         b, c = self.blocks[d], self.cuts[d]
-        if b:
-            return i * b, min(b, self.shape[d] - i * b)
-        assert c is not None
+        if b or c is None:  # a dim has a block or cuts (from_json/make give one of them)
+            return i * b, min(b, self.shape[d] - i * b)  # type: ignore[operator]
         return c[i], c[i + 1] - c[i]
 
     def box(self, j: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -87,10 +86,9 @@ class Grid:
                 return
             hi = lo + n
             b, c = self.blocks[d], self.cuts[d]
-            if b:
-                first, last = lo // b, min((hi - 1) // b, counts[d] - 1)
+            if b or c is None:
+                first, last = lo // b, min((hi - 1) // b, counts[d] - 1)  # type: ignore[operator]
             else:
-                assert c is not None
                 first, last = bisect.bisect_right(c, lo) - 1, min(bisect.bisect_left(c, hi) - 1, counts[d] - 1)
             ranges.append(range(first, last + 1))
         for cell in itertools.product(*ranges):
