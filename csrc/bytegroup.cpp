@@ -492,51 +492,10 @@ int width_slot(long width) { return width == 2 ? 0 : width == 4 ? 1 : width == 8
 // Below this many bytes the GIL round trip costs more than it frees.
 constexpr Py_ssize_t kReleaseGilThreshold = 64 * 1024;
 
-// Get a C-contiguous byte view of `obj` (writable when asked); on failure
-// sets an exception, a BufferError naming the problem for strided exporters.
-int get_buffer(PyObject* obj, Py_buffer* view, bool writable, const char* what) {
-    const int flags = writable ? PyBUF_WRITABLE : PyBUF_SIMPLE;
-    if (PyObject_GetBuffer(obj, view, flags) == 0) return 0;
-    if (!PyObject_CheckBuffer(obj)) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must support the buffer protocol, not %.100s", what,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    PyObject *etype, *evalue, *etb;
-    PyErr_Fetch(&etype, &evalue, &etb);
-    Py_buffer probe;
-    if (PyObject_GetBuffer(obj, &probe, PyBUF_FULL_RO) == 0) {
-        const int contiguous = PyBuffer_IsContiguous(&probe, 'C');
-        const int readonly = probe.readonly;
-        PyBuffer_Release(&probe);
-        if (!contiguous || (writable && readonly)) {
-            Py_XDECREF(etype);
-            Py_XDECREF(evalue);
-            Py_XDECREF(etb);
-            if (!contiguous) {
-                PyErr_Format(PyExc_BufferError,
-                             "%s is not C-contiguous; pass a contiguous buffer", what);
-            } else {
-                PyErr_Format(PyExc_TypeError, "%s must be a writable buffer", what);
-            }
-            return -1;
-        }
-    } else {
-        PyErr_Clear();
-    }
-    PyErr_Restore(etype, evalue, etb);
-    return -1;
-}
-
-bool overlaps(const void* a, size_t alen, const void* b, size_t blen) {
-    const auto pa = reinterpret_cast<uintptr_t>(a);
-    const auto pb = reinterpret_cast<uintptr_t>(b);
-    return alen != 0 && blen != 0 && pa < pb + blen && pb < pa + alen;
-}
-
 // Minimal vectorcall argument parser: fills out[0..nnames) from positional
 // and keyword arguments; `nrequired` leading ones are mandatory.
+using shardckpt_ext::get_buffer;
+using shardckpt_ext::overlaps;
 using shardckpt_ext::parse_args;
 
 // The kernel set to use: the active one, or the one named by `impl` (testing).

@@ -1,10 +1,12 @@
-// Helpers shared by shardckpt's CPython extensions (crc32c.cpp, bytegroup.cpp):
-// METH_FASTCALL argument parsing and listing a dispatch table's usable kernels.
+// Helpers shared by shardckpt's CPython extensions (crc32c.cpp, bytegroup.cpp, copy.cpp):
+// METH_FASTCALL argument parsing, listing a dispatch table's usable kernels,
+// C-contiguous buffer views and the overlap check of two byte ranges.
 #pragma once
 
 #include <Python.h>
 
 #include <cstddef>
+#include <cstdint>
 
 namespace shardckpt_ext {
 
@@ -70,6 +72,49 @@ PyObject* supported_names(const Impl* impls, size_t n) {
         Py_DECREF(s);
     }
     return list;
+}
+
+// Get a C-contiguous byte view of `obj` (writable when asked); on failure
+// sets an exception, a BufferError naming the problem for strided exporters.
+inline int get_buffer(PyObject* obj, Py_buffer* view, bool writable, const char* what) {
+    const int flags = writable ? PyBUF_WRITABLE : PyBUF_SIMPLE;
+    if (PyObject_GetBuffer(obj, view, flags) == 0) return 0;
+    if (!PyObject_CheckBuffer(obj)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must support the buffer protocol, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *etype, *evalue, *etb;
+    PyErr_Fetch(&etype, &evalue, &etb);
+    Py_buffer probe;
+    if (PyObject_GetBuffer(obj, &probe, PyBUF_FULL_RO) == 0) {
+        const int contiguous = PyBuffer_IsContiguous(&probe, 'C');
+        const int readonly = probe.readonly;
+        PyBuffer_Release(&probe);
+        if (!contiguous || (writable && readonly)) {
+            Py_XDECREF(etype);
+            Py_XDECREF(evalue);
+            Py_XDECREF(etb);
+            if (!contiguous) {
+                PyErr_Format(PyExc_BufferError,
+                             "%s is not C-contiguous; pass a contiguous buffer", what);
+            } else {
+                PyErr_Format(PyExc_TypeError, "%s must be a writable buffer", what);
+            }
+            return -1;
+        }
+    } else {
+        PyErr_Clear();
+    }
+    PyErr_Restore(etype, evalue, etb);
+    return -1;
+}
+
+inline bool overlaps(const void* a, size_t alen, const void* b, size_t blen) {
+    const auto pa = reinterpret_cast<uintptr_t>(a);
+    const auto pb = reinterpret_cast<uintptr_t>(b);
+    return alen != 0 && blen != 0 && pa < pb + blen && pb < pa + alen;
 }
 
 }  // namespace shardckpt_ext
