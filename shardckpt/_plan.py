@@ -46,7 +46,7 @@ class Summary:
     sizes: np.ndarray  # (items, D)
     #: of ``keys`` and ``specs``: computed by the rank (in parallel), so the coordinator
     #: groups ranks by structure without hashing every rank's
-    structure_hash: bytes = b""
+    structure_hash: bytes
 
     def digest(self) -> bytes:
         """Structure and boxes: equal digests mean the same local plan (plan caching)."""

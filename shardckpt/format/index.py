@@ -93,10 +93,6 @@ class Indexes:
         """Read indexes not read yet through ``read`` (a manifest reused with another storage)."""
         self._read = read
 
-    def load_all(self) -> None:
-        for rank in sorted(self.by_rank):
-            self._index(rank)
-
     def damaged(self) -> dict[int, CorruptCheckpointError]:
         """Every index that does not decode, by writer rank (verify reports them all;
         read failures still raise ``CheckpointReadError``)."""

@@ -85,11 +85,6 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(self.files.values())
 
-    def load_indexes(self) -> None:
-        """Read and check every index now (verify, tools): raises what a load would."""
-        if self.source is not None:
-            self.source.load_all()
-
 
 # ---------------------------------------------------------------- encoding
 
