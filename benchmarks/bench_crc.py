@@ -31,13 +31,13 @@ from collections.abc import Callable
 import numpy as np
 
 try:
-    from shardckpt import _checksum
+    from shardckpt.native import crc32c as _checksum
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from shardckpt import _checksum
+    from shardckpt.native import crc32c as _checksum
 
 try:
-    from shardckpt import _crc32c as _ext
+    from shardckpt.native import _crc32c as _ext
 except ImportError:
     _ext = None
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"shardckpt._checksum: {_checksum.implementation()}")
+    print(f"shardckpt.native.crc32c: {_checksum.implementation()}")
     if _ext is not None:
         print(f"compiled kernels (dispatch order): {', '.join(_ext.available_implementations())}")
     else:

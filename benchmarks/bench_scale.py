@@ -89,12 +89,12 @@ def shard_boxes(shapes: dict[str, tuple[int, ...]], world: int, rank: int) -> li
 
 
 def simulate_ours(shapes: dict[str, tuple[int, ...]], world: int, repeats: int) -> dict[str, Any]:
-    from shardckpt._checksum import crc32c
-    from shardckpt._load import tensor_reads
-    from shardckpt._plan import Summary, plan_globally, structure_hash
     from shardckpt.dcp.writer import RankWritten, build_manifest, index_name
+    from shardckpt.engine.load import tensor_reads
+    from shardckpt.engine.planning import Summary, plan_globally, structure_hash
     from shardckpt.format.index import encode_index
     from shardckpt.format.manifest import BlobRef, ChunkInfo, decode_manifest, encode_manifest
+    from shardckpt.native.crc32c import crc32c
 
     keys = tuple(shapes)
     specs = tuple(("t", "float32", s, (k,)) for k, s in shapes.items())

@@ -10,12 +10,11 @@
 __version__ = "0.1.0"
 
 from . import knobs
-from ._async import AsyncCheckpointer, AsyncSaveHandle
-from ._preempt import run_and_exit
-from ._replicas import ReplicaDivergenceWarning
 from .api import VerifyReport, async_save, close, load, save, verify
 from .converters import ConvertReport, convert
 from .dcp import SafeLoadPlanner, ShardckptReader, ShardckptWriter
+from .engine.async_save import AsyncCheckpointer, AsyncSaveHandle
+from .engine.replicas import ReplicaDivergenceWarning
 from .errors import (
     CheckpointExistsError,
     CheckpointMismatchError,
@@ -29,9 +28,10 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format.codec import Compression
-from .manager import CheckpointManager
-from .retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy
+from .manager.checkpoint_manager import CheckpointManager
+from .manager.preemption import run_and_exit
 from .state import ResumableSampler, TrainState
+from .store.retention import CheckpointInfo, KeepBest, KeepEvery, KeepLast, RetentionPolicy
 
 __all__ = [
     "save",

@@ -1,5 +1,5 @@
-"""``python -m shardckpt``: the command line (``shardckpt.cli``)."""
+"""``python -m shardckpt``: the command line (``shardckpt.cli.main``)."""
 
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

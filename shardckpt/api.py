@@ -17,15 +17,16 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import _async, knobs
-from ._async import AsyncSaveHandle, Busy
-from ._dist import Group, raise_gathered
-from ._load import load_state_dict
-from ._replicas import CheckReplicas
-from ._save import SaveRequest, plan_save, typed_save_errors, write_and_commit
+from . import knobs
+from .backends import open_storage
+from .collectives import Group, raise_gathered
+from .engine import async_save as _async
+from .engine.async_save import AsyncSaveHandle, Busy
+from .engine.load import load_state_dict
+from .engine.replicas import CheckReplicas
+from .engine.save import SaveRequest, plan_save, typed_save_errors, write_and_commit
 from .errors import CheckpointReadError, ShardckptError
 from .format.codec import Compression
-from .storage import open_storage
 from .store import CheckpointDir, VerifyReport, verify_dir
 
 __all__ = ["save", "async_save", "close", "load", "verify", "VerifyReport"]

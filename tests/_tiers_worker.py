@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     dist.barrier()  # every local rank sees the node's disk only after local rank 0 mounted it
     import shardckpt
-    from shardckpt.tiers import exchange
+    from shardckpt.manager.tiers import exchange
 
     capture = _Capture()
     logging.getLogger("shardckpt").addHandler(capture)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 return real(group, sends, receives)
 
             exchange.transfer = transfer  # type: ignore[assignment]
-            sys.modules["shardckpt.tiers.local"].transfer = transfer  # type: ignore[attr-defined]
+            sys.modules["shardckpt.manager.tiers.local_tier"].transfer = transfer  # type: ignore[attr-defined]
         for step in range(1, a.until + 1):
             sd = state(step)
             if mgr.should_save(step):

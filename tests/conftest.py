@@ -7,14 +7,14 @@ import pytest
 def _install_checksum_standin() -> None:
     # Only while the compiled extension's shim is absent (bootstrapping); CI has it.
     try:
-        import shardckpt._checksum  # noqa: F401
+        import shardckpt.native.crc32c
     except ImportError:
         import crc32c as _c
 
-        m = types.ModuleType("shardckpt._checksum")
+        m = types.ModuleType("shardckpt.native.crc32c")
         m.crc32c = lambda d, v=0: _c.crc32c(d, v)
         m.implementation = lambda: "standin"
-        sys.modules["shardckpt._checksum"] = m
+        sys.modules["shardckpt.native.crc32c"] = m
 
 
 _install_checksum_standin()

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shardckpt.storage import Storage, open_storage, register_backend
+from shardckpt.backends import Storage, open_storage, register_backend
 
 __all__ = ["SCHEME", "ENV", "arm", "disarm", "trace", "url", "install", "Call", "WRITE_SITES", "READ_SITES"]
 

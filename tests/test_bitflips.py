@@ -25,7 +25,6 @@ import torch
 
 import shardckpt
 from shardckpt import knobs
-from shardckpt._checksum import crc32c
 from shardckpt.errors import CorruptCheckpointError, ShardckptError
 from shardckpt.format.manifest import (
     MANIFEST_NAME,
@@ -38,6 +37,7 @@ from shardckpt.format.manifest import (
     decode_manifest,
     encode_manifest,
 )
+from shardckpt.native.crc32c import crc32c
 from tests.figures import record
 
 CHUNK = 1024

@@ -1,8 +1,8 @@
-"""Tests for the CRC32C extension (csrc/crc32c.cpp) and its shim (shardckpt._checksum).
+"""Tests for the CRC32C extension (csrc/crc32c.cpp) and its shim (shardckpt.native.crc32c).
 
 Every behavioural test runs against each backend via the ``impl`` fixture:
 
-* ``active``            -- the public ``shardckpt._checksum`` API, whatever it dispatches to;
+* ``active``            -- the public ``shardckpt.native.crc32c`` API, whatever it dispatches to;
 * ``compiled-<kernel>`` -- each kernel of the extension usable on this CPU, through its
                            ``_crc32c_impl`` testing hook;
 * ``software``          -- the pure-Python/numpy fallback, called directly.
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from shardckpt import _checksum
+from shardckpt.native import crc32c as _checksum
 
 try:
-    from shardckpt import _crc32c as _ext
+    from shardckpt.native import _crc32c as _ext
 except ImportError:  # reported by test_compiled_extension_is_active
     _ext = None
 
@@ -414,7 +414,7 @@ def test_compiled_extension_is_active():
     if ALLOW_SOFTWARE:
         pytest.skip("SHARDCKPT_ALLOW_SOFTWARE_CRC=1: software fallback explicitly allowed")
     assert _ext is not None, (
-        "shardckpt._crc32c is not importable: build it (pip install -e . or "
+        "shardckpt.native._crc32c is not importable: build it (pip install -e . or "
         "python setup.py build_ext --inplace), or set SHARDCKPT_ALLOW_SOFTWARE_CRC=1"
     )
     if not SOFTWARE_FORCED:
@@ -474,7 +474,7 @@ def test_extension_releases_gil_on_large_buffers():
 _CHILD_PRELUDE = f"""
 import sys, types
 _pkg = types.ModuleType("shardckpt")
-_pkg.__path__ = [{os.path.dirname(os.path.abspath(_checksum.__file__))!r}]
+_pkg.__path__ = [{os.path.dirname(os.path.dirname(os.path.abspath(_checksum.__file__)))!r}]
 sys.modules["shardckpt"] = _pkg
 """
 
@@ -497,7 +497,7 @@ def test_fallback_warns_exactly_once():
         warnings.simplefilter("always")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from shardckpt import _checksum
+            from shardckpt.native import crc32c as _checksum
             assert _checksum.implementation() == "software", _checksum.implementation()
             assert not _checksum.is_compiled()
             for _ in range(5):
@@ -520,10 +520,10 @@ def test_missing_extension_falls_back_with_warning():
     proc = _run_python(
         """
         import sys, warnings
-        sys.modules["shardckpt._crc32c"] = None  # import fails, as if never built
+        sys.modules["shardckpt.native._crc32c"] = None  # import fails, as if never built
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from shardckpt import _checksum
+            from shardckpt.native import crc32c as _checksum
             assert _checksum.implementation() == "software", _checksum.implementation()
             assert not _checksum.is_compiled()
             assert _checksum.crc32c(b"123456789") == 0xE3069283
@@ -546,7 +546,7 @@ def test_force_env_off_uses_extension():
         """
         import warnings
         warnings.simplefilter("error")
-        from shardckpt import _checksum
+        from shardckpt.native import crc32c as _checksum
         print(_checksum.implementation())
         assert _checksum.crc32c(b"123456789") == 0xE3069283
         """,

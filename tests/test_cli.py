@@ -26,7 +26,11 @@ import torch
 import shardckpt
 from shardckpt.cli import parse_storage_options
 from shardckpt.dcp.writer import ShardckptWriter
-from shardckpt.manager import OWNER_MARKER, CheckpointManager, step_dirname
+from shardckpt.manager import (
+    OWNER_MARKER,
+    CheckpointManager,
+    step_dirname,
+)
 from tests.multiproc import run_multiprocess
 
 REPO = Path(__file__).resolve().parent.parent

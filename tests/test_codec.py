@@ -25,12 +25,12 @@ import pytest
 import torch
 import zstandard
 
-from shardckpt import _bytegroup_shim
 from shardckpt.format import codec
 from shardckpt.format.codec import CodecError, Compression, decode, encode, resolve
+from shardckpt.native import bytegroup as _bytegroup_shim
 
 try:
-    from shardckpt import _bytegroup as _ext
+    from shardckpt.native import _bytegroup as _ext
 except ImportError:  # reported by test_compiled_extension_is_active
     _ext = None
 
@@ -90,7 +90,7 @@ def bg(request) -> BG:
 def test_compiled_extension_is_active():
     if NUMPY_FORCED:
         pytest.skip("SHARDCKPT_FORCE_NUMPY_BYTEGROUP is set")
-    assert _ext is not None, "shardckpt._bytegroup is not built (pip install -e .)"
+    assert _ext is not None, "shardckpt.native._bytegroup is not built (pip install -e .)"
     assert _bytegroup_shim.is_compiled()
     assert _bytegroup_shim.implementation() == "compiled:" + _ext.implementation()
     assert _ext.available_implementations()[-1] == "scalar"
@@ -187,7 +187,7 @@ def test_numpy_fallback_warns_once_and_codec_works():
         """
         import warnings, torch
         warnings.simplefilter("always")
-        from shardckpt import _bytegroup_shim as s
+        from shardckpt.native import bytegroup as s
         from shardckpt.format import codec
         assert s.implementation() == "numpy" and not s.is_compiled()
         x = torch.randn(50_000)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt._checksum import crc32c
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.manifest import _canonical
+from shardckpt.native.crc32c import crc32c
 
 
 def _state():
@@ -135,9 +135,9 @@ def test_bad_compression_argument():
 
 
 def test_auto_default_is_raw_locally_and_zstd_on_object_stores(tmp_path):
+    from shardckpt.backends import open_storage
+    from shardckpt.backends.fsspec_backend import FsspecStorage
     from shardckpt.dcp.writer import default_compression
-    from shardckpt.storage import open_storage
-    from shardckpt.storage.fsspec_backend import FsspecStorage
 
     sd = {"w": torch.randn(20_000)}
     shardckpt.save(sd, tmp_path / "c")  # default: "auto"

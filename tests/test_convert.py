@@ -641,7 +641,7 @@ def test_progress_plain_lines_when_not_a_terminal(saved2, tmp_path, capsys):
 
 
 def test_cli(saved2, tmp_path, capsys):
-    from shardckpt.converters.cli import main
+    from shardckpt.cli.convert import main
 
     assert main([str(saved2[0]), str(tmp_path / "m.safetensors"), "--only", "model", "--dtype", "fp16"]) == 0
     assert "(shardckpt) ->" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``python -m shardckpt.demo`` end to end (real torchrun jobs, killed and resumed at
+"""``python -m shardckpt.demo.driver`` end to end (real torchrun jobs, killed and resumed at
 2 → 3 → 1 ranks), plus the demo's own checkers on doctored records: a checker that
 cannot fail proves nothing."""
 
@@ -12,8 +12,8 @@ import sys
 import torch
 
 from shardckpt import CheckpointManager
-from shardckpt._demo_worker import DemoConfig, make_model
-from shardckpt.demo import check_params, check_samples
+from shardckpt.demo.driver import check_params, check_samples
+from shardckpt.demo.worker import DemoConfig, make_model
 from shardckpt.state import ResumableSampler
 
 CHECKS = ("sample order", "parameters", "killed save", "preemption", "retention")
@@ -22,7 +22,7 @@ CHECKS = ("sample order", "parameters", "killed save", "preemption", "retention"
 def test_demo_kill_and_resume_end_to_end(tmp_path):
     work = tmp_path / "demo"
     out = subprocess.run(
-        [sys.executable, "-m", "shardckpt.demo", "--quick", "--seed", "7", "--workdir", str(work), "--keep"],
+        [sys.executable, "-m", "shardckpt.demo.driver", "--quick", "--seed", "7", "--workdir", str(work), "--keep"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     text = out.stdout + out.stderr

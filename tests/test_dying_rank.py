@@ -166,7 +166,7 @@ DEADLINE_CHECK = """
 from datetime import timedelta
 import torch, torch.distributed as dist
 from shardckpt import knobs
-from shardckpt._dist import collective_deadline
+from shardckpt.collectives import collective_deadline
 store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
 dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 backend = dist.group.WORLD._get_backend(torch.device("cpu"))

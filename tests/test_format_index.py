@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt._checksum import crc32c
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.grid import Grid, LayoutError, Writers, detect_layout
 from shardckpt.format.index import canonical_json
 from shardckpt.format.manifest import encode_manifest
+from shardckpt.native.crc32c import crc32c
 from shardckpt.store import CheckpointDir
 from tests.multiproc import run_multiprocess
 

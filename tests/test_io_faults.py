@@ -262,7 +262,7 @@ def test_read_faults_s3(place_of):
 
 def test_faultstore_numbers_calls_and_fires_once(tmp_path):
     url = faultstore.url(tmp_path / "x")
-    s = shardckpt.storage.open_storage(url)
+    s = shardckpt.backends.open_storage(url)
     assert isinstance(s, faultstore.FaultStorage) and s.url == url
     faultstore.arm("eio", 2)
     s.makedirs("")

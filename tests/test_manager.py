@@ -19,7 +19,11 @@ from shardckpt.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from shardckpt.manager import OWNER_MARKER, CheckpointManager, step_dirname
+from shardckpt.manager import (
+    OWNER_MARKER,
+    CheckpointManager,
+    step_dirname,
+)
 
 
 class Tiny:

@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 
 import shardckpt
 from shardckpt import knobs
-from shardckpt._checksum import crc32c
 from shardckpt.errors import (
     CheckpointMismatchError,
     CheckpointReadError,
@@ -59,6 +58,7 @@ from shardckpt.format.manifest import (
     decode_manifest,
     encode_manifest,
 )
+from shardckpt.native.crc32c import crc32c
 from tests.figures import record
 
 # Reproducible: a fixed seed per test (hypothesis.seed), no example database.

@@ -10,7 +10,7 @@ from tests.multiproc import run_multiprocess
 
 
 def _counting(monkeypatch_like: dict) -> None:
-    import shardckpt._save as save_mod
+    import shardckpt.engine.save as save_mod
 
     real = save_mod.plan_globally
 
@@ -107,7 +107,7 @@ def test_single_process_cache_follows_dtype_change(tmp_path):
     import shardckpt
 
     calls = {"n": 0}
-    import shardckpt._save as save_mod
+    import shardckpt.engine.save as save_mod
 
     real = save_mod.plan_globally
 
@@ -133,8 +133,8 @@ def test_single_process_cache_follows_dtype_change(tmp_path):
 
 
 def test_a_rank_without_a_cache_does_not_reuse():
-    from shardckpt import _plan_cache
-    from shardckpt._dist import Group
+    from shardckpt.collectives import Group
+    from shardckpt.engine import plan_cache as _plan_cache
 
     _plan_cache.forget_all()
     assert _plan_cache.lookup(Group(), b"x") is None

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 import shardckpt
-from shardckpt._replicas import divergence, replicated_positions
+from shardckpt.engine.replicas import divergence, replicated_positions
 from shardckpt.errors import CheckpointWriteError, ShardckptError
 from tests.figures import record
 from tests.multiproc import run_multiprocess

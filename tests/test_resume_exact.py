@@ -21,7 +21,7 @@ STEPS = 16
 DRIVER = textwrap.dedent("""
     import json, os, sys
     from shardckpt import demo
-    from shardckpt._demo_worker import DemoConfig
+    from shardckpt.demo.worker import DemoConfig
 
     work = sys.argv[1]
     cfg = DemoConfig(seed=11, total_steps={steps}, save_interval=4)

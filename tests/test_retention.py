@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from shardckpt.retention import (
+from shardckpt.store.retention import (
     CheckpointInfo,
     KeepBest,
     KeepEvery,

@@ -287,7 +287,7 @@ def test_manager_on_s3_keeps_last_and_falls_back_past_corrupt(s3_bucket):
 
 
 def test_an_object_of_exactly_one_part_is_a_single_put(s3_bucket, fault_proxy):
-    from shardckpt.storage import open_storage
+    from shardckpt.backends import open_storage
 
     s = open_storage(s3_bucket.url("onepart"), storage_options=fault_proxy.storage_options())
     with knobs.override(part_bytes=5 << 20):

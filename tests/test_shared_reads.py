@@ -22,9 +22,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 
 import shardckpt
 from shardckpt import knobs
-from shardckpt.dcp._shared_reads import RankInfo, SharedPlan, plan_shared_reads
-from shardckpt.storage import register_backend
-from shardckpt.storage.local import LocalStorage
+from shardckpt.backends import register_backend
+from shardckpt.backends.local import LocalStorage
+from shardckpt.io.shared_reads import RankInfo, SharedPlan, plan_shared_reads
 from tests.multiproc import run_multiprocess
 
 # ----------------------------------------------------------------------------- counting backend

@@ -1,4 +1,4 @@
-"""Staging copies (shardckpt.staging, shardckpt._copy_shim, csrc/copy.cpp).
+"""Staging copies (shardckpt.engine.staging, shardckpt.native.copy, csrc/copy.cpp).
 
 The copy runs against every backend through the ``backend`` fixture: each
 compiled kernel usable on this CPU (through the extension's ``impl`` hook) and
@@ -24,11 +24,12 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 import shardckpt
-from shardckpt import _copy_shim, staging
-from shardckpt.staging import StagingPool
+from shardckpt.engine import staging
+from shardckpt.engine.staging import StagingPool
+from shardckpt.native import copy as _copy_shim
 
 try:
-    from shardckpt import _copy as _ext
+    from shardckpt.native import _copy as _ext
 except ImportError:  # reported by test_compiled_extension_is_active
     _ext = None
 
@@ -168,7 +169,7 @@ def test_compiled_extension_is_active():
     """Fails (does not skip) when the extension is missing: CI must build it."""
     if NUMPY_FORCED:
         pytest.skip("SHARDCKPT_FORCE_NUMPY_COPY is set")
-    assert _ext is not None, "shardckpt._copy is not built (pip install -e .)"
+    assert _ext is not None, "shardckpt.native._copy is not built (pip install -e .)"
     assert _copy_shim.is_compiled()
     assert _copy_shim.implementation() == "compiled:" + _ext.implementation()
     available = _ext.available_implementations()
@@ -197,8 +198,8 @@ def test_numpy_fallback_warns_once_and_staging_works():
         from torch.distributed.checkpoint.metadata import MetadataIndex
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            from shardckpt import _copy_shim as s
-            from shardckpt.staging import StagingPool
+            from shardckpt.native import copy as s
+            from shardckpt.engine.staging import StagingPool
             assert s.implementation() == "numpy" and not s.is_compiled()
             pool = StagingPool()
             x = torch.randn(10_000)
@@ -219,10 +220,10 @@ def test_missing_extension_falls_back_with_warning():
     proc = _run_python(
         """
         import sys, warnings
-        sys.modules["shardckpt._copy"] = None  # import fails, as if never built
+        sys.modules["shardckpt.native._copy"] = None  # import fails, as if never built
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            from shardckpt import _copy_shim as s
+            from shardckpt.native import copy as s
             assert s.implementation() == "numpy"
             d = bytearray(5)
             s.copy(d, b"hello")
@@ -403,7 +404,7 @@ def test_a_failed_staging_copy_releases_the_writer(tmp_path, monkeypatch):
     """Budgeted mode: the caller's copy fails midway; the background write must end
     (in an error, nothing committed), not wait forever for slabs that never come."""
     import shardckpt
-    from shardckpt import staging
+    from shardckpt.engine import staging
 
     calls = {"n": 0}
     real = staging.SlabStream._filler

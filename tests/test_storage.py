@@ -6,8 +6,8 @@ import threading
 import pytest
 
 from shardckpt import knobs
-from shardckpt.storage import Capabilities, Storage, open_storage, register_backend
-from shardckpt.storage.retry import call_with_retry, is_transient
+from shardckpt.backends import Capabilities, Storage, open_storage, register_backend
+from shardckpt.backends.retry import call_with_retry, is_transient
 
 
 @pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])

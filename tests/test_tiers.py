@@ -15,9 +15,13 @@ import torch.distributed as dist
 
 from shardckpt import CheckpointManager
 from shardckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from shardckpt.tiers import MARKER_NAME, LocalCommit, replica_targets
-from shardckpt.tiers.marker import decode_commit, encode_commit
-from shardckpt.tiers.plan import NodeReport, StepFiles, local_candidates
+from shardckpt.manager.tiers import MARKER_NAME, LocalCommit, replica_targets
+from shardckpt.manager.tiers.candidates import (
+    NodeReport,
+    StepFiles,
+    local_candidates,
+)
+from shardckpt.manager.tiers.local_commit import decode_commit, encode_commit
 from tests.multiproc import run_multiprocess
 from tests.test_manager import Tiny, run
 

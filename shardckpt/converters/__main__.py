@@ -1,5 +1,8 @@
-"""``python -m shardckpt.converters SRC DST ...``"""
+"""``python -m shardckpt.converters SRC DST ...``: the same command as ``shardckpt convert``
+(one command line, ``shardckpt.cli``; this is only a second way to start its verb)."""
 
-from .cli import main
+import sys
 
-raise SystemExit(main())
+from ..cli import main
+
+raise SystemExit(main(["convert", *sys.argv[1:]]))

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 
 from .. import knobs
+from ..backends import check_storage_options, open_storage
+from ..cli.progress import Progress
 from ..errors import CheckpointNotFoundError, UnsupportedFormatError
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
 from ..format.manifest import DATA_DIR, MANIFEST_NAME
-from ..storage import check_storage_options, open_storage
 from .items import Dropped, Source
 from .output import Written, require_absent, require_empty_dir
 from .plan import make_plan, parse_dtype, parse_size
-from .progress import Progress
 from .source_dcp import DCP_METADATA, DcpSource
 from .source_files import HF_INDEX, HF_SINGLE, SafetensorsSource, TorchSource, read_hf_index
 from .source_shardckpt import ShardckptSource

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from ..backends import Storage
+from ..cli.progress import Progress
 from ..errors import CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
 from ..format.objects import encode_object, raw_bytesio
-from ..storage import Storage
 from .items import Dropped, Source
 from .plan import Planned, PlannedObject
-from .progress import Progress
 
 __all__ = ["OutFile", "Written", "checked_pieces", "encode_value", "require_absent", "require_empty_dir",
            "encoded_objects"]

@@ -43,9 +43,9 @@ import torch
 from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+from ..backends import Storage
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ..format.layout import DTYPES
-from ..storage import Storage
 from .items import (
     Buffers,
     Dropped,

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
+from ..backends import RandomReader, Storage
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from ..format.layout import DTYPES
 from ..format.objects import weights_only_reason
-from ..storage import RandomReader, Storage
 from .items import (
     Buffers,
     Dropped,

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from ..backends import Storage
 from ..errors import CorruptCheckpointError
 from ..format.chunks import read_chunks
 from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
 from ..format.manifest import BlobRef, ObjectEntry, TensorEntry
 from ..format.objects import decode_object, weights_only_reason
-from ..storage import Storage
 from ..store import CheckpointDir
 from .items import (
     Buffers,

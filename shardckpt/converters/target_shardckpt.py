@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from .. import knobs
-from .._checksum import crc32c
+from ..backends import ShardFile, Storage
+from ..cli.progress import Progress
 from ..dcp.writer import default_compression
 from ..format.codec import Compression, encode
 from ..format.codec import resolve as resolve_compression
@@ -48,12 +49,11 @@ from ..format.manifest import (
     TensorShard,
 )
 from ..format.objects import INLINE_LIMIT
-from ..storage import ShardFile, Storage
+from ..native.crc32c import crc32c
 from ..store import CheckpointDir
 from .items import Source
 from .output import Written, checked_pieces, encoded_objects
 from .plan import Plan
-from .progress import Progress
 
 __all__ = ["write_shardckpt"]
 

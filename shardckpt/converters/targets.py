@@ -33,11 +33,11 @@ from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 
-from ..storage import Storage
+from ..backends import Storage
+from ..cli.progress import Progress
 from .items import Dropped, Source
 from .output import OutFile, Written, checked_pieces, encoded_objects
 from .plan import Plan, Planned
-from .progress import Progress
 from .safetensors_format import METADATA_KEY, build_header, layout_order, st_dtype_name
 from .source_dcp import DCP_METADATA
 from .source_files import HF_INDEX, HF_SINGLE

@@ -39,15 +39,15 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from .. import knobs
-from .._dist import Group
+from ..backends import RandomReader, Storage, open_storage
+from ..collectives import Group
 from ..errors import CheckpointReadError, CorruptCheckpointError
 from ..format.chunks import read_chunks
 from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
 from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry, TensorShard
 from ..format.objects import decode_object, weights_only_reason
-from ..storage import RandomReader, Storage, open_storage
+from ..io import shared_reads as _shared_reads
 from ..store import CheckpointDir
-from . import _shared_reads
 
 __all__ = ["ShardckptReader", "manifest_to_metadata", "shares_reads"]
 

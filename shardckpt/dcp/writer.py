@@ -43,7 +43,8 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future as TorchFuture
 
 from .. import knobs
-from .._checksum import crc32c
+from ..backends import Storage, open_storage
+from ..engine.staging import StagedTensor
 from ..errors import CheckpointWriteError
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
@@ -61,13 +62,12 @@ from ..format.manifest import (
     TensorShard,
 )
 from ..format.objects import INLINE_LIMIT, encode_object, resolve_object
-from ..staging import StagedTensor
-from ..storage import Storage, open_storage
+from ..io.shard_writer import RollingShard
+from ..native.crc32c import crc32c
 from ..store import CheckpointDir
-from ._shards import RollingShard
 
 if TYPE_CHECKING:  # only the type: the writer takes the skeleton its caller planned
-    from .._plan import Skeleton
+    from ..engine.planning import Skeleton
 
 __all__ = ["ShardckptWriter", "RankWritten", "shard_name", "assigned_target", "build_manifest"]
 

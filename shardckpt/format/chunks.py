@@ -8,8 +8,8 @@ from typing import Protocol
 
 import torch
 
-from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
+from ..native.crc32c import crc32c
 from .codec import CodecError, check, decode
 from .layout import chunk_span
 from .manifest import BlobRef, ChunkInfo

@@ -40,7 +40,7 @@ from typing import Any
 
 import zstandard
 
-from .. import _bytegroup_shim as _bg
+from ..native import bytegroup as _bg
 
 __all__ = ["CODECS", "CodecError", "Compression", "check", "decode", "encode", "resolve"]
 

@@ -25,8 +25,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._checksum import crc32c
 from ..errors import CheckpointReadError, CorruptCheckpointError
+from ..native.crc32c import crc32c
 from ._validate import DATA_DIR, Bad, blob_at, nonneg_int, validate_relpath
 from .entries import BlobRef, ChunkInfo, TensorEntry, TensorShard
 from .layout import DTYPES

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._checksum import crc32c
 from ..errors import CorruptCheckpointError
+from ..native.crc32c import crc32c
 from ._validate import CODECS, DATA_DIR, validate_relpath
 from ._validate import Bad as _Bad
 from ._validate import blob as _blob
@@ -27,15 +27,7 @@ from ._validate import finite_float as _finite_float
 from ._validate import int_list as _int_list
 from ._validate import nonneg_int as _nonneg_int
 from ._validate import req as _req
-from .entries import (
-    BlobRef,
-    ChunkInfo,
-    Entry,
-    LaidOutShards,
-    ObjectEntry,
-    TensorEntry,
-    TensorShard,
-)
+from .entries import BlobRef, ChunkInfo, Entry, LaidOutShards, ObjectEntry, TensorEntry, TensorShard
 from .grid import Grid, Layout, LayoutError, Writers
 from .index import Indexes
 from .layout import DTYPES

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._dist import Group
+from ..collectives import Group
 from ..errors import ShardckptError
 
 try:  # numpy is optional: its state is captured only when it is importable

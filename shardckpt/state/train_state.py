@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .._dist import Group
+from ..collectives import Group
 from ..errors import ShardckptError
 from .rng import RngState, get_rng_state, rng_state_for_rank, set_rng_state
 

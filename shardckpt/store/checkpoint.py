@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from ..backends import Storage, open_storage
 from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -43,7 +44,6 @@ from ..errors import (
     IncompleteCheckpointError,
 )
 from ..format.manifest import DATA_DIR, MANIFEST_NAME, Manifest, decode_manifest, encode_manifest
-from ..storage import Storage, open_storage
 from .commit import commit_strategy
 
 __all__ = ["CheckpointDir", "PROBE_SUFFIX", "SHARED_STORAGE_HINT"]

@@ -26,8 +26,8 @@ import posixpath
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..backends import Storage
 from ..errors import CheckpointWriteError
-from ..storage import Storage
 
 __all__ = ["CommitStrategy", "RenameCommit", "ManifestLastPut", "commit_strategy"]
 

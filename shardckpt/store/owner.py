@@ -34,8 +34,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from ..backends import Storage
 from ..errors import CheckpointExistsError, CheckpointWriteError
-from ..storage import Storage
 
 __all__ = ["OwnerMarker", "OWNER_MARKER"]
 

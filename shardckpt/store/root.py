@@ -12,16 +12,16 @@ import logging
 import re
 from collections.abc import Collection, Container, Sequence
 
+from ..backends import Storage
 from ..errors import (
     CheckpointNotFoundError,
     CheckpointReadError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from ..retention import CheckpointInfo, RetentionPolicy, steps_to_delete
-from ..storage import Storage
 from .checkpoint import CheckpointDir
 from .owner import OwnerMarker
+from .retention import CheckpointInfo, RetentionPolicy, steps_to_delete
 from .verify import verify_dir
 
 __all__ = ["CheckpointRoot", "step_dirname", "parse_step", "UNUSABLE", "status_of"]

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .. import knobs
-from .._checksum import implementation as crc_implementation
 from ..errors import CheckpointReadError, CorruptCheckpointError
 from ..format.chunks import check_chunk, check_decodes_bounded
 from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
+from ..native.crc32c import implementation as crc_implementation
 from .checkpoint import CheckpointDir
 
 __all__ = ["VerifyReport", "verify_dir"]

@@ -1,0 +1,5 @@
+"""``python -m shardckpt.demo``."""
+
+from .driver import main
+
+raise SystemExit(main())
