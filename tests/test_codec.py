@@ -87,15 +87,6 @@ def bg(request) -> BG:
     return _BACKENDS[request.param]()
 
 
-def test_compiled_extension_is_active():
-    if NUMPY_FORCED:
-        pytest.skip("SHARDCKPT_FORCE_NUMPY_BYTEGROUP is set")
-    assert _ext is not None, "shardckpt.native._bytegroup is not built (pip install -e .)"
-    assert _bytegroup_shim.is_compiled()
-    assert _bytegroup_shim.implementation() == "compiled:" + _ext.implementation()
-    assert _ext.available_implementations()[-1] == "scalar"
-
-
 @pytest.mark.parametrize("width", [2, 4, 8])
 @pytest.mark.parametrize("n", [0, 1, 3, 31, 32, 33, 63, 64, 65, 127, 129, 1000, 4099, 300_007])
 def test_group_matches_reference_and_inverts(bg, width, n):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .loader import Native
+from .loader import Native, as_u8
 
 __all__ = ["group", "ungroup", "ungroup_planes", "implementation", "is_compiled"]
 
@@ -33,20 +33,6 @@ _WIDTHS = (2, 4, 8)
 # ---------------------------------------------------------------------------
 # numpy reference implementation (always available; tests call it directly).
 # ---------------------------------------------------------------------------
-
-
-def _u8(buf: Any, writable: bool, what: str) -> np.ndarray:
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise TypeError(
-            f"{what} must support the buffer protocol, not {type(buf).__name__}"
-        ) from None
-    if not mv.c_contiguous:
-        raise BufferError(f"{what} is not C-contiguous; pass a contiguous buffer")
-    if writable and mv.readonly:
-        raise TypeError(f"{what} must be a writable buffer")
-    return np.frombuffer(mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv, dtype=np.uint8)
 
 
 def _check(src: np.ndarray, dst: np.ndarray, width: int, fname: str) -> None:
@@ -63,14 +49,14 @@ def _check(src: np.ndarray, dst: np.ndarray, width: int, fname: str) -> None:
 
 def _numpy_group(src: Any, dst: Any, width: int) -> None:
     """``dst[k*n + i] = src[i*width + k]`` with numpy (same contract as the extension)."""
-    s, d = _u8(src, False, "src"), _u8(dst, True, "dst")
+    s, d = as_u8(src, False, "src"), as_u8(dst, True, "dst")
     _check(s, d, width, "group")
     d.reshape(width, -1)[...] = s.reshape(-1, width).T
 
 
 def _numpy_ungroup(src: Any, dst: Any, width: int) -> None:
     """Inverse of :func:`_numpy_group`."""
-    s, d = _u8(src, False, "src"), _u8(dst, True, "dst")
+    s, d = as_u8(src, False, "src"), as_u8(dst, True, "dst")
     _check(s, d, width, "ungroup")
     d.reshape(-1, width)[...] = s.reshape(width, -1).T
 
@@ -80,8 +66,8 @@ def _numpy_ungroup_planes(planes: Sequence[Any], dst: Any) -> None:
     width = len(planes)
     if width not in _WIDTHS:
         raise ValueError(f"ungroup_planes(): need 2, 4 or 8 planes, got {width}")
-    d = _u8(dst, True, "dst")
-    ps = [_u8(p, False, "each plane") for p in planes]
+    d = as_u8(dst, True, "dst")
+    ps = [as_u8(p, False, "each plane") for p in planes]
     if any(len(p) * width != len(d) for p in ps):
         raise ValueError("ungroup_planes(): every plane must be len(dst) // len(planes) bytes long")
     if any(np.may_share_memory(p, d) for p in ps):
@@ -99,47 +85,10 @@ _native = Native(
     "_bytegroup",
     _FORCE_ENV,
     "numpy byte-grouping fallback",
+    "numpy",
     "compressed save/load will be slower than with the extension",
 )
-_compiled: Any = _native.module
-_reason = _native.reason
-_warn_once = _native.warn_once
-
-
-if _compiled is not None:
-    group = _compiled.group
-    ungroup = _compiled.ungroup
-    ungroup_planes = _compiled.ungroup_planes
-
-    def implementation() -> str:
-        """The active backend, e.g. ``"compiled:avx512vbmi"``."""
-        return "compiled:" + _compiled.implementation()
-
-else:
-
-    def group(src: Any, dst: Any, width: int) -> None:
-        """Split ``width``-byte elements of ``src`` into byte planes in ``dst``."""
-        if not _native.warned:
-            _warn_once()
-        _numpy_group(src, dst, width)
-
-    def ungroup(src: Any, dst: Any, width: int) -> None:
-        """Inverse of :func:`group`."""
-        if not _native.warned:
-            _warn_once()
-        _numpy_ungroup(src, dst, width)
-
-    def ungroup_planes(planes: Sequence[Any], dst: Any) -> None:
-        """Inverse of :func:`group` from separate plane buffers."""
-        if not _native.warned:
-            _warn_once()
-        _numpy_ungroup_planes(planes, dst)
-
-    def implementation() -> str:
-        """The active backend: ``"numpy"`` here."""
-        return "numpy"
-
-
-def is_compiled() -> bool:
-    """True when the C++ extension is doing the work."""
-    return _compiled is not None
+group, ungroup, ungroup_planes = _native.bind(
+    group=_numpy_group, ungroup=_numpy_ungroup, ungroup_planes=_numpy_ungroup_planes)
+implementation = _native.implementation
+is_compiled = _native.is_compiled

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .loader import Native
+from .loader import Native, as_u8
 
 __all__ = ["copy", "copy_many", "implementation", "is_compiled"]
 
@@ -35,29 +35,13 @@ _MAX_THREADS = 64
 # ---------------------------------------------------------------------------
 
 
-def _u8(buf: Any, writable: bool, what: str) -> np.ndarray:
-    try:
-        mv = memoryview(buf)
-    except TypeError:
-        raise TypeError(
-            f"{what} must support the buffer protocol, not {type(buf).__name__}"
-        ) from None
-    if not mv.c_contiguous:
-        raise BufferError(f"{what} is not C-contiguous; pass a contiguous buffer")
-    if writable and mv.readonly:
-        raise TypeError(f"{what} must be a writable buffer")
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B") if mv.nbytes else memoryview(b"")
-    return np.frombuffer(mv, dtype=np.uint8) if mv.nbytes else np.empty(0, np.uint8)
-
-
 def _check_threads(threads: int) -> None:
     if not 1 <= threads <= _MAX_THREADS:
         raise ValueError(f"threads must be in 1..{_MAX_THREADS}, not {threads}")
 
 
 def _pair(dst: Any, src: Any, fname: str, index: int | None) -> tuple[np.ndarray, np.ndarray]:
-    d, s = _u8(dst, True, "dst"), _u8(src, False, "src")
+    d, s = as_u8(dst, True, "dst"), as_u8(src, False, "src")
     where = "" if index is None else f"pair {index}: "
     if len(d) != len(s):
         raise ValueError(
@@ -96,40 +80,9 @@ _native = Native(
     "_copy",
     _FORCE_ENV,
     "numpy staging copy",
+    "numpy",
     "the blocking part of async_save will be slower than with the extension",
 )
-_compiled: Any = _native.module
-_reason = _native.reason
-_warn_once = _native.warn_once
-
-
-if _compiled is not None:
-    copy = _compiled.copy
-    copy_many = _compiled.copy_many
-
-    def implementation() -> str:
-        """The active backend, e.g. ``"compiled:avx512"``."""
-        return "compiled:" + _compiled.implementation()
-
-else:
-
-    def copy(dst: Any, src: Any, threads: int = 1) -> None:
-        """Copy buffer ``src`` into the equal-length writable buffer ``dst``."""
-        if not _native.warned:
-            _warn_once()
-        _numpy_copy(dst, src, threads)
-
-    def copy_many(dsts: Sequence[Any], srcs: Sequence[Any], threads: int = 1) -> None:
-        """``copy(dsts[i], srcs[i])`` for every i."""
-        if not _native.warned:
-            _warn_once()
-        _numpy_copy_many(dsts, srcs, threads)
-
-    def implementation() -> str:
-        """The active backend: ``"numpy"`` here."""
-        return "numpy"
-
-
-def is_compiled() -> bool:
-    """True when the C++ extension is doing the work."""
-    return _compiled is not None
+copy, copy_many = _native.bind(copy=_numpy_copy, copy_many=_numpy_copy_many)
+implementation = _native.implementation
+is_compiled = _native.is_compiled

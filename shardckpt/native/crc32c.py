@@ -245,39 +245,9 @@ _native = Native(
     "_crc32c",
     _FORCE_ENV,
     "pure-Python CRC32C fallback",
+    "software",
     "checksumming will be orders of magnitude slower than with the extension",
 )
-_compiled: Any = _native.module
-_import_error = _native.import_error
-_reason = _native.reason
-_warn_once = _native.warn_once
-
-
-if _compiled is not None:
-    crc32c = _compiled.crc32c
-    crc32c_combine = _compiled.crc32c_combine
-
-    def implementation() -> str:
-        """The active CRC32C backend, e.g. ``"compiled:vpclmulqdq"``."""
-        return "compiled:" + _compiled.implementation()
-
-else:
-
-    def crc32c(data: Any, value: int = 0) -> int:
-        """CRC32C of a C-contiguous buffer, continuing from ``value``."""
-        if not _native.warned:
-            _warn_once()
-        return _software_crc32c(data, value)
-
-    def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-        """crc32c(A + B) from crc32c(A), crc32c(B) and len(B)."""
-        return _software_crc32c_combine(crc1, crc2, len2)
-
-    def implementation() -> str:
-        """The active CRC32C backend: ``"software"`` here."""
-        return "software"
-
-
-def is_compiled() -> bool:
-    """True when the C++ extension is doing the work."""
-    return _compiled is not None
+crc32c, crc32c_combine = _native.bind(crc32c=_software_crc32c, crc32c_combine=_software_crc32c_combine)
+implementation = _native.implementation
+is_compiled = _native.is_compiled
