@@ -20,7 +20,7 @@ from tests.manifest_view import entries_view
 STEPS = 16
 DRIVER = textwrap.dedent("""
     import json, os, sys
-    from shardckpt import demo
+    from shardckpt.demo import driver as demo
     from shardckpt.demo.worker import DemoConfig
 
     work = sys.argv[1]

@@ -2,6 +2,7 @@
 
 import os
 import threading
+import uuid
 
 import pytest
 
@@ -15,7 +16,8 @@ def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(tmp_path / "ck")
     if request.param == "memory":
-        return open_storage(f"memory://storage-test-{os.getpid()}-{id(tmp_path)}/ck")
+        # a fresh root each time (an id() can be reused once its object is freed)
+        return open_storage(f"memory://storage-test-{uuid.uuid4().hex}/ck")
     bucket = request.getfixturevalue("s3_bucket")
     return open_storage(bucket.url("ck"), storage_options=bucket.storage_options)
 
