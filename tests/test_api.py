@@ -176,7 +176,7 @@ def test_manifest_with_parent_path_is_rejected_before_reading(tmp_path):
     old = m["body"]["entries"]["a"]["shards"][0]["file"]
     m["body"]["files"] = {"data/../../secret.bin": {"size": 40}}
     m["body"]["entries"]["a"]["shards"][0]["file"] = "data/../../secret.bin"
-    from shardckpt.format.manifest import _canonical
+    from shardckpt.format.jsoncodec import encode as _canonical
     from shardckpt.native.crc32c import crc32c
 
     body = {k: v for k, v in m.items() if k != "crc32c"}
@@ -242,7 +242,7 @@ def test_malicious_pickle_in_checkpoint_never_runs(tmp_path):
     f = _shard_file(p)
     f.write_bytes(payload)
     m = json.loads((p / "manifest.json").read_text())
-    from shardckpt.format.manifest import _canonical
+    from shardckpt.format.jsoncodec import encode as _canonical
     from shardckpt.native.crc32c import crc32c
 
     m["body"]["files"] = {k: {"size": len(payload)} for k in m["body"]["files"]}

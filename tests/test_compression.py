@@ -8,7 +8,7 @@ import torch
 
 import shardckpt
 from shardckpt.errors import CorruptCheckpointError
-from shardckpt.format.manifest import _canonical
+from shardckpt.format.jsoncodec import encode as _canonical
 from shardckpt.native.crc32c import crc32c
 
 

@@ -19,7 +19,7 @@ import torch
 import shardckpt
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.grid import Grid, LayoutError, Writers, detect_layout
-from shardckpt.format.index import canonical_json
+from shardckpt.format.jsoncodec import encode as canonical_json
 from shardckpt.format.manifest import encode_manifest
 from shardckpt.native.crc32c import crc32c
 from shardckpt.store import CheckpointDir

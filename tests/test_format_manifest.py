@@ -39,7 +39,7 @@ def _tamper(fn):
     doc = json.loads(encode_manifest(_manifest()))
     fn(doc)
     # re-seal the CRC so that validation, not the checksum, must catch the problem
-    from shardckpt.format.manifest import _canonical
+    from shardckpt.format.jsoncodec import encode as _canonical
     from shardckpt.native.crc32c import crc32c
 
     body = {k: v for k, v in doc.items() if k != "crc32c"}

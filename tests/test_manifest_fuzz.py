@@ -54,7 +54,6 @@ from shardckpt.format.manifest import (
     ObjectEntry,
     TensorEntry,
     TensorShard,
-    _canonical,
     decode_manifest,
     encode_manifest,
 )
@@ -92,6 +91,13 @@ def _time_bound(seconds: float):
 
 
 # ---------------------------------------------------------------- documents
+
+
+def _canonical(doc) -> bytes:
+    """The codec's canonical bytes, written here with json.dumps so that a ``DupDict``
+    can smuggle duplicate keys in (the codec itself refuses anything but plain
+    values); ``test_reseal_helpers_are_sound`` checks both agree on plain documents."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 class DupDict(dict):

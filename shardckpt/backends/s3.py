@@ -31,7 +31,6 @@ arguments: ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``, ...).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import threading
@@ -48,6 +47,15 @@ __all__ = ["S3Storage"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable, order-independent form of storage options (the filesystem cache's key)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return repr(value)
 
 
 def _s3fs_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -79,7 +87,7 @@ def _filesystem(storage_options: Mapping[str, Any] | None) -> Any:
         raise ImportError("s3:// paths need the s3fs package: pip install 'shardckpt[s3]'") from None
 
     opts = _s3fs_options(storage_options)
-    key = (os.getpid(), json.dumps(opts, sort_keys=True, default=repr))
+    key = (os.getpid(), _frozen(opts))
     with _fs_lock:
         fs = _filesystems.get(key)
         if fs is None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any, TextIO
 
 from .. import __version__
 from ..errors import IncompleteCheckpointError, ShardckptError
+from ..format import jsoncodec
 from ..manager import tiers
 from ..tools import inspection as tools
 from .text import format_age as _age
@@ -259,7 +259,7 @@ def _cmd_verify(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _P
 
 
 def _cmd_diff(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
-    doc = tools.compare(a.a, a.b, values=a.values, storage_options=opts, progress=progress)
+    doc = tools.diff(a.a, a.b, values=a.values, storage_options=opts, progress=progress)
     code = 1 if a.exit_code and not doc["identical"] else 0
 
     def human(out: TextIO) -> None:
@@ -441,13 +441,20 @@ def _error_doc(e: BaseException) -> dict[str, Any]:
 
 
 def _emit_json(doc: Any, out: TextIO) -> None:
-    # allow_nan=False: never print a document a strict JSON parser rejects.
-    print(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False, default=_jsonable), file=out)
+    # allow_nan=False: never print a document a strict JSON parser rejects; non-finite
+    # floats (a NaN loss) appear in the JSON codec's safe form, as they are stored.
+    print(json.dumps(_printable(doc), indent=2, ensure_ascii=False, allow_nan=False), file=out)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+def _printable(v: Any) -> Any:
+    if isinstance(v, float):
+        return jsoncodec.float_form(v)
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _printable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_printable(x) for x in v]
     return str(v)
 
 

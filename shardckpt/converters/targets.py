@@ -142,10 +142,12 @@ def write_hf_dir(storage: Storage, plan: Plan, source: Source, limit: int, max_b
             _write_st_file(storage, rel, shard, meta if i == 0 else {_FORMAT_KEY: "pt"}, source, max_bytes,
                            progress, done)
             weight_map.update((p.key, rel) for p in shard)
-        index = {"metadata": {"total_size": sum(p.nbytes for p in tensors)}, "weight_map": weight_map}
+        # keys sorted as Hugging Face's own writer sorts them
+        index = {"metadata": {"total_size": sum(p.nbytes for p in tensors)},
+                 "weight_map": dict(sorted(weight_map.items()))}
         out = OutFile(storage, HF_INDEX)
         try:
-            out.write(json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+            out.write(json.dumps(index, indent=2).encode() + b"\n")
             out.close()
         except BaseException:
             out.abort()

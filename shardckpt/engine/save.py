@@ -30,7 +30,6 @@ monolithic call; it uses only DCP's public planner and storage interfaces.
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +47,7 @@ from ..backends import check_storage_options
 from ..collectives import Group, _attempt, _Failed
 from ..dcp.writer import RankWritten, ShardckptWriter, assigned_target
 from ..errors import CheckpointWriteError, ShardckptError
+from ..format import jsoncodec
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
 from . import plan_cache as _plan_cache
@@ -91,9 +91,9 @@ class SaveRequest:
         check_replicas: CheckReplicas = "error",
     ) -> SaveRequest:
         if metadata is not None:
-            try:
-                json.dumps(metadata, allow_nan=False)
-            except (TypeError, ValueError) as e:
+            try:  # stored as JSON: kept as it will read back (tuples as lists)
+                metadata = jsoncodec.from_safe(jsoncodec.to_safe(dict(metadata), "metadata", tuples=True))
+            except (jsoncodec.JsonValueError, RecursionError) as e:
                 raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
         if compression != "auto":
             resolve_compression(compression)  # a bad argument is a usage error, raised here

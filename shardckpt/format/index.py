@@ -19,7 +19,6 @@ the ordinal in its grid; a raw chunk is ``[raw_len, crc32c]``, any other
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -29,16 +28,14 @@ from ..errors import CheckpointReadError, CorruptCheckpointError
 from ..native.crc32c import crc32c
 from ._validate import DATA_DIR, Bad, blob_at, nonneg_int, validate_relpath
 from .entries import BlobRef, ChunkInfo, TensorEntry, TensorShard
+from .jsoncodec import decode as json_decode
+from .jsoncodec import encode as json_encode
 from .layout import DTYPES
 
-__all__ = ["INDEX_FORMAT", "index_name", "encode_index", "Indexes", "canonical_json"]
+__all__ = ["INDEX_FORMAT", "index_name", "encode_index", "Indexes"]
 
 INDEX_FORMAT = "shardckpt-index"
 _VERSION = 2
-
-
-def canonical_json(doc: Any) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def index_name(save_id: str, rank: int) -> str:
@@ -56,14 +53,7 @@ def encode_index(save_id: str, rank: int, items: list[tuple[int, int, BlobRef]])
     doc = {"format": INDEX_FORMAT, "version": _VERSION, "save_id": save_id, "rank": rank, "files": files,
            "items": [[k, j, no[b.file], b.offset, [_chunk_json(c) for c in b.chunks]]
                      for k, j, b in sorted(items, key=lambda t: (t[0], t[1]))]}
-    return canonical_json(doc)
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate keys")
-    return out
+    return json_encode(doc)
 
 
 class Indexes:
@@ -147,8 +137,8 @@ class Indexes:
             raise CorruptCheckpointError(f"{self._url}/{rel}: not a valid index ({e})", file=rel) from None
 
     def _items(self, rank: int, data: bytes) -> dict[tuple[int, int], TensorShard]:
-        doc = json.loads(data, object_pairs_hook=_unique)
-        if not isinstance(doc, dict) or canonical_json(doc) != data:
+        doc = json_decode(data)
+        if not isinstance(doc, dict) or json_encode(doc) != data:
             raise Bad("index is not canonical JSON")
         head = (doc.get("format"), doc.get("version"), doc.get("save_id"), doc.get("rank"))
         if head != (INDEX_FORMAT, _VERSION, self._save_id, rank):

@@ -12,7 +12,6 @@ Decoding validates everything a hostile or damaged manifest could get wrong
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,9 @@ from ._validate import req as _req
 from .entries import BlobRef, ChunkInfo, Entry, LaidOutShards, ObjectEntry, TensorEntry, TensorShard
 from .grid import Grid, Layout, LayoutError, Writers
 from .index import Indexes
+from .jsoncodec import JsonValueError
+from .jsoncodec import decode as json_decode
+from .jsoncodec import encode as json_encode
 from .layout import DTYPES
 
 __all__ = [
@@ -106,10 +108,6 @@ def _entry_json(e: Entry) -> dict[str, Any]:
     return out
 
 
-def _canonical(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
 def encode_manifest(m: Manifest) -> bytes:
     doc: dict[str, Any] = {
         "format": FORMAT,
@@ -127,25 +125,12 @@ def encode_manifest(m: Manifest) -> bytes:
     }
     if m.version >= 2:
         doc["body"]["indexes"] = {rel: {"rank": r, "crc32c": f"{crc:08x}"} for r, (rel, crc) in m.indexes.items()}
-    doc["crc32c"] = f"{crc32c(_canonical(doc)):08x}"
-    return _canonical(doc)
+    # (tuples=True: metadata given to a DCP writer or a converter may hold tuples; they read back as lists)
+    doc["crc32c"] = f"{crc32c(json_encode(doc, tuples=True)):08x}"
+    return json_encode(doc, tuples=True)
 
 
 # ---------------------------------------------------------------- decoding
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} is not allowed")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last of duplicate keys silently; another reader might keep the first.
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dupes = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
-        raise ValueError(f"duplicate key(s) {dupes[:5]}")
-    return out
 
 
 def _key_path(v: Any, where: str) -> tuple[str | int, ...]:
@@ -241,11 +226,9 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME, read_index: ReadIn
     errors); without it, the slices of laid-out tensors cannot be looked up."""
     try:
         try:
-            doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-        except (ValueError, UnicodeDecodeError, TypeError) as e:
+            doc = json_decode(data)
+        except JsonValueError as e:
             raise _Bad(f"not valid JSON ({e})") from None
-        except RecursionError:
-            raise _Bad("not valid JSON (nested too deeply)") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise _Bad(f"not a {FORMAT} manifest")
         version = _req(doc, "version", int, "manifest")
@@ -253,12 +236,12 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME, read_index: ReadIn
             raise _Bad(f"format version {version} is newer than this shardckpt supports ({VERSION})")
         stored_crc = _req(doc, "crc32c", str, "manifest")
         body_doc = {k: v for k, v in doc.items() if k != "crc32c"}
-        if stored_crc != f"{crc32c(_canonical(body_doc)):08x}":
+        if stored_crc != f"{crc32c(json_encode(body_doc)):08x}":
             raise _Bad("manifest CRC32C mismatch (the manifest was modified or damaged)")
         # The CRC covers the parsed document; requiring the exact canonical bytes too
         # makes every byte of the file count (an escape's hex case, a float's
         # redundant digit, an exponent's 'E' or added whitespace parse the same).
-        if data != _canonical(doc):
+        if data != json_encode(doc):
             raise _Bad("manifest bytes are not in canonical form (the manifest was modified or damaged)")
         body = _req(doc, "body", dict, "manifest")
         files: dict[str, int] = {}

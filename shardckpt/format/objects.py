@@ -1,4 +1,5 @@
-"""How non-tensor values are stored: JSON when it is exact, raw bytes for bytes,
+"""How non-tensor values are stored: JSON when it is exact (``jsoncodec``: NaN and
+infinities included, in its JSON-safe form), raw bytes for bytes,
 an ``io.BytesIO``'s own bytes for a BytesIO, else torch's weights-only format.
 Every choice loads without running code.
 
@@ -11,8 +12,6 @@ Every choice loads without running code.
 from __future__ import annotations
 
 import io
-import json
-import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointWriteError
+from . import jsoncodec
 
 __all__ = [
     "resolve_object", "encode_object", "decode_object", "weights_only_reason", "raw_bytesio", "INLINE_LIMIT",
@@ -39,19 +39,6 @@ class _RawBytesIO(io.BytesIO):
 def raw_bytesio(value: io.BytesIO) -> io.BytesIO:
     """The ``bytesio`` payload of ``value``, in a form ``encode_object`` recognises."""
     return _RawBytesIO(_BYTESIO_POS.pack(value.tell()) + value.getvalue())
-
-
-def _plain_json(v: Any) -> bool:
-    """True if JSON round-trips ``v`` exactly (types included: no tuples, no int keys)."""
-    if v is None or isinstance(v, (bool, int, str)):
-        return True
-    if isinstance(v, float):
-        return math.isfinite(v)
-    if type(v) is list:
-        return all(_plain_json(x) for x in v)
-    if type(v) is dict:
-        return all(isinstance(k, str) and _plain_json(x) for k, x in v.items())
-    return False
 
 
 def resolve_object(resolve: Callable[[Any], Any], item: Any) -> io.BytesIO:
@@ -97,8 +84,8 @@ def encode_object(key: str, pickled: io.BytesIO) -> tuple[str, bytes, Any]:
         ) from None
     if isinstance(value, (bytes, bytearray)):
         return "bytes", bytes(value), value
-    if _plain_json(value):
-        return "json", json.dumps(value, allow_nan=False, separators=(",", ":")).encode(), value
+    if jsoncodec.is_exact(value):  # non-finite floats included (the codec's NaN rule)
+        return "json", jsoncodec.encode(value, canonical=False, where=f"key {key!r}"), value
     return "torch", raw, value
 
 
@@ -125,7 +112,7 @@ def decode_object(encoding: str, payload: bytes) -> Any:
     if encoding == "bytes":
         return payload
     if encoding == "json":
-        return json.loads(payload)
+        return jsoncodec.decode(payload)
     if encoding == "torch":
         return torch.load(io.BytesIO(payload), weights_only=True)
     raise ValueError(f"unknown object encoding {encoding!r}")

@@ -218,8 +218,8 @@ class CheckpointManager(PreemptionMixin):
         state_dict) as step ``step``; return whether a save happened.
 
         Saves when ``force`` or ``should_save(step)`` (the decision of a preceding
-        ``should_save(step)`` call is reused). ``metrics`` (numbers; non-finite
-        ones are stored as None) go into the manifest for ``list()`` and
+        ``should_save(step)`` call is reused). ``metrics`` (numbers; NaN and
+        infinities kept, ``keep_best`` never ranks them) go into the manifest for ``list()`` and
         ``keep_best``. ``state.step`` is set to ``step`` if that attribute exists.
         A step that already has a checkpoint (e.g. re-run after a restore) is
         replaced atomically. With a preemption pending, saves synchronously,

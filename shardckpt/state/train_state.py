@@ -32,7 +32,6 @@ seeded from SHA-256(saved rank 0's torch state, ``r``).
 
 from __future__ import annotations
 
-import json
 import platform
 import socket
 import time
@@ -52,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..collectives import Group
 from ..errors import ShardckptError
+from ..format import jsoncodec
 from .rng import RngState, get_rng_state, rng_state_for_rank, set_rng_state
 
 __all__ = ["TrainState"]
@@ -64,12 +64,15 @@ def _check_json(value: Any, where: str) -> None:
     if value is None or isinstance(value, (bool, int, str)):
         return
     if isinstance(value, float):
-        return  # json writes inf/nan as Infinity/NaN and reads them back (best_val=inf is common)
+        return  # inf/nan are stored in the codec's JSON-safe form (best_val=inf is common)
     if isinstance(value, list):
         for i, v in enumerate(value):
             _check_json(v, f"{where}[{i}]")
         return
     if isinstance(value, dict):
+        if len(value) == 1 and jsoncodec.FLOAT_TAG in value:
+            raise TypeError(f"{where} is a dict whose only key is {jsoncodec.FLOAT_TAG!r}, which JSON "
+                            "stores as a non-finite float")
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError(f"{where} has a non-string key {k!r}: JSON would turn it into a string")
@@ -81,6 +84,14 @@ def _check_json(value: Any, where: str) -> None:
         f"{where} is a {type(value).__name__}, which is not JSON-serializable{hint}: "
         "TrainState extras and config hold int/float/str/bool/None and lists/dicts of them"
     )
+
+
+def _dumps(value: Any) -> str:
+    return jsoncodec.encode(value, canonical=False).decode()
+
+
+def _loads(text: str) -> Any:
+    return jsoncodec.decode(text, legacy_tokens=True)  # fields 0.1 wrote with NaN/Infinity tokens
 
 
 def _json_dict(value: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
@@ -209,7 +220,7 @@ class TrainState:
             else:
                 sd["model"] = get_model_state_dict(self.model, options=self.state_dict_options)
         sd.update(local)
-        sd["env"] = json.dumps(self._env(len(rng), hosts, now))
+        sd["env"] = _dumps(self._env(len(rng), hosts, now))
         sd["rng"] = rng
         return sd
 
@@ -221,14 +232,14 @@ class TrainState:
         if self.scheduler is not None:
             sd["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
-            sd["scaler"] = json.dumps({"enabled": self._scaler_enabled(), "state": self.scaler.state_dict()})
+            sd["scaler"] = _dumps({"enabled": self._scaler_enabled(), "state": self.scaler.state_dict()})
         if self.sampler is not None:
             sd["sampler"] = self.sampler.state_dict()
         if self.objects:
             sd["objects"] = {k: v.state_dict() for k, v in self.objects.items()}
         sd["progress"] = {"step": int(self.step), "epoch": int(self.epoch)}
-        sd["extra"] = json.dumps(self.extra)
-        sd["config"] = json.dumps(self.config)
+        sd["extra"] = _dumps(self.extra)
+        sd["config"] = _dumps(self.config)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -248,7 +259,7 @@ class TrainState:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(self._take(sd, "scheduler"))
         if self.scaler is not None:
-            self._load_scaler(json.loads(self._take(sd, "scaler")))
+            self._load_scaler(_loads(self._take(sd, "scaler")))
         if self.sampler is not None:
             self.sampler.load_state_dict(self._take(sd, "sampler"))
         if self.objects:
@@ -259,9 +270,9 @@ class TrainState:
                 obj.load_state_dict(saved[name])
         progress = self._take(sd, "progress")
         self.step, self.epoch = int(progress["step"]), int(progress["epoch"])
-        self.extra.update(json.loads(self._take(sd, "extra")))
-        self._load_config(json.loads(self._take(sd, "config")))
-        self.saved_env = json.loads(self._take(sd, "env"))
+        self.extra.update(_loads(self._take(sd, "extra")))
+        self._load_config(_loads(self._take(sd, "config")))
+        self.saved_env = _loads(self._take(sd, "env"))
         # Last, so nothing above can draw from the restored streams.
         rank, world_size = self._rank_world()
         set_rng_state(rng_state_for_rank(self._take(sd, "rng"), rank, world_size))

@@ -25,7 +25,6 @@ manager whose root was taken over stops writing instead of interleaving.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from typing import Any
 
 from ..backends import Storage
 from ..errors import CheckpointExistsError, CheckpointWriteError
+from ..format import jsoncodec
 
 __all__ = ["OwnerMarker", "OWNER_MARKER"]
 
@@ -59,17 +59,17 @@ class OwnerMarker:
 
     def _acquire(self) -> None:
         self._storage.makedirs("")
-        mine = json.dumps({
+        mine = jsoncodec.encode({
             "hostname": socket.gethostname(), "pid": os.getpid(), "created_unix": time.time(),
             "token": self.token, "run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
             "restart_count": _int_env("TORCHELASTIC_RESTART_COUNT"),
-        }).encode()
+        })
         url = self._storage.url
         for _ in range(5):  # the marker may come and go while we look at it
             if self._create(mine):
                 return
             try:
-                current = json.loads(self._storage.read_bytes(OWNER_MARKER))
+                current = jsoncodec.decode(self._storage.read_bytes(OWNER_MARKER))
             except FileNotFoundError:
                 continue
             except (ValueError, OSError) as e:
@@ -127,7 +127,7 @@ class OwnerMarker:
 
     def _read_token(self) -> str | None:
         try:
-            owner = json.loads(self._storage.read_bytes(OWNER_MARKER))
+            owner = jsoncodec.decode(self._storage.read_bytes(OWNER_MARKER))
         except (FileNotFoundError, ValueError):
             return None
         token = owner.get("token") if isinstance(owner, dict) else None

@@ -162,11 +162,11 @@ def build_policies(
     return tuple(out)
 
 
-def metric_values(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
-    """Metrics as stored in a manifest: floats, with non-finite values as None (JSON
-    has no NaN, and a NaN loss must never count as best). Accepts Python and numpy
-    numbers and 0-d tensors; anything else is a ``TypeError``."""
-    out: dict[str, float | None] = {}
+def metric_values(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics as stored in a manifest: floats (NaN and infinities kept: the JSON codec
+    stores them in its JSON-safe form; ``KeepBest`` never ranks a non-finite value).
+    Accepts Python and numpy numbers and 0-d tensors; anything else is a ``TypeError``."""
+    out: dict[str, float] = {}
     for k, v in (metrics or {}).items():
         if not isinstance(k, str):
             raise TypeError(f"metric names must be strings, got {k!r}")
@@ -176,7 +176,7 @@ def metric_values(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
             f = float(v)
         except (TypeError, ValueError):
             raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__}") from None
-        out[k] = f if math.isfinite(f) else None
+        out[k] = f
     return out
 
 

@@ -9,7 +9,6 @@ reports the largest absolute difference.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from ..api import load
 from ..errors import ShardckptError
+from ..format import jsoncodec
 from ..format.layout import dtype_from_name
 from ..format.manifest import Entry, ObjectEntry, TensorEntry
 from ..store import CheckpointDir
@@ -71,8 +71,9 @@ def _by_crc(a: TensorEntry, b: TensorEntry) -> str | None:
     return "changed" if changed else "same"
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def _canonical(value: Any) -> bytes | str:
+    """One form per value for comparing: canonical JSON where JSON holds it exactly."""
+    return jsoncodec.encode(value) if jsoncodec.is_exact(value) else repr(value)
 
 
 def _same_object(key: str, a: ObjectEntry, b: ObjectEntry, pa: str, pb: str, opts: StorageOptions) -> bool:

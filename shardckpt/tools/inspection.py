@@ -30,7 +30,6 @@ root (a save in flight has no manifest yet and lists as ``incomplete``).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 
 from ..backends import Storage, open_storage
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ..format import jsoncodec
 from ..format.manifest import MANIFEST_NAME, Entry, Manifest, TensorEntry
 from ..store import (
     OWNER_MARKER,
@@ -200,7 +200,7 @@ def _entry_info(e: Entry) -> dict[str, Any]:
             info["layout"] = e.layout.to_json()
         return info
     if e.blob is None:
-        n = len(json.dumps(e.value, separators=(",", ":")))
+        n = len(jsoncodec.encode(e.value, canonical=False))
         return {"kind": "object", "encoding": e.encoding, "raw_bytes": n, "stored_bytes": n,
                 "codecs": ["inline"], "shards": 0, "chunks": 0, "value": e.value}
     return {"kind": "object", "encoding": e.encoding, "raw_bytes": e.blob.raw_len,
@@ -289,7 +289,7 @@ def _owner_of(storage: Storage) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     try:
-        current = json.loads(raw)
+        current = jsoncodec.decode(raw)
     except ValueError as e:
         current = {"unreadable": str(e)}
     if not isinstance(current, dict):

@@ -27,7 +27,6 @@ every rank, naming the rank.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +34,7 @@ import torch.distributed as dist
 
 from ...backends import ShardFile, Storage
 from ...errors import CheckpointWriteError
+from ...format import jsoncodec
 from ...format.manifest import DATA_DIR, MANIFEST_NAME
 from ...store import CheckpointDir, commit_strategy, verify_dir
 
@@ -62,7 +62,7 @@ def _header(src: CheckpointDir) -> tuple[bytes, list[tuple[str, int]]]:
     s = src.storage
     files = sorted((f"{DATA_DIR}/{n}", s.size(f"{DATA_DIR}/{n}")) for n in s.listdir(DATA_DIR))
     doc = {"files": files, "manifest": s.read_bytes(MANIFEST_NAME).decode("latin-1")}
-    return json.dumps(doc).encode(), files
+    return jsoncodec.encode(doc), files
 
 
 def _exchange(group: dist.ProcessGroup, out: list[tuple[int, torch.Tensor]],
@@ -182,7 +182,7 @@ def transfer(group: dist.ProcessGroup, sends: list[Send], receives: list[Receive
             if not t.numel():
                 raise CheckpointWriteError(f"rank {r.peer} could not read the shard it was to send to "
                                            f"{r.target.url}")
-            doc = json.loads(bytes(t.numpy()))
+            doc = jsoncodec.decode(bytes(t.numpy()))
             files = [(str(n), int(z)) for n, z in doc["files"]]
             manifest = doc["manifest"].encode("latin-1")
             if r.target.storage.exists():

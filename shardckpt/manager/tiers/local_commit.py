@@ -17,13 +17,12 @@ file, never trusted.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import CorruptCheckpointError
+from ...format import jsoncodec
 from ...native.crc32c import crc32c
 
 __all__ = ["MARKER_NAME", "LocalCommit", "encode_commit", "decode_commit"]
@@ -46,18 +45,14 @@ class LocalCommit:
     created_unix: float = 0.0
 
 
-def _canonical(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
 def encode_commit(c: LocalCommit) -> bytes:
     doc: dict[str, Any] = {
         "version": _VERSION, "step": c.step, "world_size": c.world_size, "nodes": list(c.nodes),
         "replicas": [list(r) for r in c.replicas], "layouts": list(c.layouts), "manifests": list(c.manifests),
         "metrics": dict(c.metrics), "created_unix": c.created_unix,
     }
-    doc["crc32c"] = crc32c(_canonical(doc))
-    return _canonical(doc)
+    doc["crc32c"] = crc32c(jsoncodec.encode(doc))
+    return jsoncodec.encode(doc)
 
 
 def decode_commit(data: bytes, where: str) -> LocalCommit:
@@ -66,16 +61,16 @@ def decode_commit(data: bytes, where: str) -> LocalCommit:
         return CorruptCheckpointError(f"{where}: local commit marker is damaged: {why}", file=where)
 
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = jsoncodec.decode(data)
+    except jsoncodec.JsonValueError as e:
         raise bad(f"not JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("crc32c"), int):
         raise bad("no crc32c field")
     stored = doc.pop("crc32c")
-    if _canonical({**doc, "crc32c": stored}) != data:
+    if jsoncodec.encode({**doc, "crc32c": stored}) != data:
         raise bad("not in canonical form (edited?)")
-    if crc32c(_canonical(doc)) != stored:
-        raise bad(f"CRC32C mismatch: stored {stored:08x}, computed {crc32c(_canonical(doc)):08x}")
+    if crc32c(jsoncodec.encode(doc)) != stored:
+        raise bad(f"CRC32C mismatch: stored {stored:08x}, computed {crc32c(jsoncodec.encode(doc)):08x}")
     try:
         if doc["version"] != _VERSION:
             raise bad(f"unknown version {doc['version']!r}")
@@ -87,7 +82,7 @@ def decode_commit(data: bytes, where: str) -> LocalCommit:
               and all(isinstance(n, str) for n in nodes) and all(isinstance(x, str) for x in layouts)
               and all(isinstance(r, list) and all(_int(t) and 0 <= t < w for t in r) for r in replicas)
               and isinstance(doc["metrics"], dict) and isinstance(doc["created_unix"], (int, float))
-              and all(v is None or (isinstance(v, (int, float)) and math.isfinite(v))
+              and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
                       for v in doc["metrics"].values()))
     except (KeyError, TypeError) as e:
         raise bad(f"missing or mistyped field ({e})") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.tensor import DTensor
 
 from ...engine.staging import StagingPool
+from ...format import jsoncodec
 
 __all__ = ["LocalView", "local_view", "layout_digest", "write_back"]
 
@@ -133,8 +133,7 @@ def local_view(state_dict: dict[str, Any]) -> LocalView:
 
 def layout_digest(layout: dict[str, dict[str, Any]]) -> str:
     """A short digest of a layout: equal digests, equal shapes, dtypes and placements."""
-    doc = json.dumps(layout, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(doc.encode()).hexdigest()[:32]
+    return hashlib.sha256(jsoncodec.encode(layout, tuples=True)).hexdigest()[:32]
 
 
 def write_back(target: Any, loaded: Any) -> None:
