@@ -89,11 +89,11 @@ def shard_boxes(shapes: dict[str, tuple[int, ...]], world: int, rank: int) -> li
 
 
 def simulate_ours(shapes: dict[str, tuple[int, ...]], world: int, repeats: int) -> dict[str, Any]:
-    from shardckpt.dcp.writer import RankWritten, build_manifest, index_name
     from shardckpt.engine.load import tensor_reads
     from shardckpt.engine.planning import Summary, plan_globally, structure_hash
-    from shardckpt.format.index import encode_index
+    from shardckpt.format.index import encode_index, index_name
     from shardckpt.format.manifest import BlobRef, ChunkInfo, decode_manifest, encode_manifest
+    from shardckpt.io.manifest_builder import RankWritten, build_manifest
     from shardckpt.native.crc32c import crc32c
 
     keys = tuple(shapes)
@@ -141,7 +141,7 @@ def simulate_ours(shapes: dict[str, tuple[int, ...]], world: int, repeats: int) 
             data, end = idx_bytes[near], ends[near]
             written.append(RankWritten([], (index_name(save_id, r), len(data), crc32c(data)),
                                        {f"data/{save_id}-r{r:05d}.bin": end, index_name(save_id, r): len(data)}, 4 << 20))
-        manifest = build_manifest(skel, written, save_id, {})
+        manifest = build_manifest(skel, written, save_id, {}, 4 << 20)
         top = encode_manifest(manifest)
         t_commit = time.perf_counter() - t1
         times["plan+commit"].append(t_plan + t_commit)

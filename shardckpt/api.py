@@ -24,7 +24,7 @@ from .engine import async_save as _async
 from .engine.async_save import AsyncSaveHandle, Busy
 from .engine.load import load_state_dict
 from .engine.replicas import CheckReplicas
-from .engine.save import SaveRequest, plan_save, typed_save_errors, write_and_commit
+from .engine.save import SaveRequest, save_with
 from .errors import CheckpointReadError, ShardckptError
 from .format.codec import Compression
 from .store import CheckpointDir, VerifyReport, verify_dir
@@ -90,10 +90,7 @@ def save(
     request = SaveRequest.make(path, overwrite=overwrite, metadata=metadata, compression=compression,
                                storage_options=storage_options, check_replicas=check_replicas)
     _async.wait_all()  # one save at a time; reports an earlier background failure
-    group = Group(process_group)
-    with knobs.use(request.knobs), typed_save_errors(f"save to {request.path}"):
-        planned = plan_save(state_dict, request.writer(), group, request.check_replicas)
-        write_and_commit(planned, planned.planner.resolve_data, group)
+    save_with(state_dict, request, process_group)
 
 
 def async_save(
@@ -154,10 +151,11 @@ def load(
     one rank loads (DDP replicas, ``Replicate()``) is read from storage once and
     sent over ``process_group`` (remote backends; see ``knobs.shared_reads``).
     """
-    group = Group(process_group)
+    k = knobs.get()  # this load's snapshot: every thread of it reads these
+    group = Group(process_group, k)
     opts = dict(storage_options) if storage_options is not None else None
     try:
-        load_state_dict(state_dict, path, strict, group, process_group, opts)
+        load_state_dict(state_dict, path, strict, group, process_group, opts, k)
     except ShardckptError:
         raise
     except Exception as e:  # single process: what no rank gathered still gets the load's type

@@ -33,16 +33,17 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from . import knobs
+from . import compat
+from . import knobs as knobs_mod
 from .errors import ShardckptError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["Group", "raise_gathered", "collective_deadline"]
+__all__ = ["Group", "Failed", "attempt", "raise_gathered", "collective_deadline"]
 
 
-class _Failed:
+class Failed:
     """An exception in transit between ranks."""
 
     def __init__(self, exc: BaseException) -> None:
@@ -58,47 +59,39 @@ def _portable(exc: BaseException) -> BaseException:
         return ShardckptError(f"{type(exc).__name__}: {exc}")
 
 
-def _attempt(fn: Callable[[], T]) -> T | _Failed:
+def attempt(fn: Callable[[], T]) -> T | Failed:
+    """``fn()``, or its exception as a ``Failed`` to gather with the other ranks' results."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - gathered and re-raised on every rank
-        return _Failed(e)
-
-
-def _gloo_backend(group: dist.ProcessGroup | None) -> Any:
-    """The gloo backend of ``group`` (None: the default group), or None if it has none."""
-    try:
-        pg = group if group is not None else dist.distributed_c10d._get_default_group()
-        backend = pg._get_backend(torch.device("cpu"))
-    except Exception:  # noqa: BLE001 - no gloo backend: nothing to bound
-        return None
-    return backend if isinstance(backend, dist.ProcessGroupGloo) else None
+        return Failed(e)
 
 
 @contextmanager
-def collective_deadline(group: dist.ProcessGroup | None) -> Iterator[None]:
-    """Bound every collective on ``group`` (gloo) by ``knobs.collective_timeout_s``
-    while the block runs; a shorter timeout already in force is kept. Only the
-    thread issuing the group's collectives may use it (shardckpt's background
-    saves have groups of their own)."""
-    backend = _gloo_backend(group)
-    limit = timedelta(seconds=knobs.get().collective_timeout_s)
-    # torch's own knob (``_set_pg_timeout`` does the same); absent: leave the group as it is
-    previous = getattr(getattr(backend, "options", None), "_timeout", None)
-    if not isinstance(previous, timedelta) or previous <= limit or not hasattr(backend, "_set_default_timeout"):
+def collective_deadline(group: dist.ProcessGroup | None, timeout_s: int) -> Iterator[None]:
+    """Bound every collective on ``group`` (gloo) by ``timeout_s`` (the call's
+    ``collective_timeout_s``) while the block runs; a shorter timeout already in
+    force is kept. Only the thread issuing the group's collectives may use it
+    (shardckpt's background saves have groups of their own)."""
+    backend = compat.gloo_backend(group)
+    limit = timedelta(seconds=timeout_s)
+    previous = compat.gloo_timeout(backend)  # None: leave the group as it is
+    if previous is None or previous <= limit:
         yield
         return
-    backend._set_default_timeout(limit)
+    compat.set_gloo_timeout(backend, limit)
     try:
         yield
     finally:
-        backend._set_default_timeout(previous)
+        compat.set_gloo_timeout(backend, previous)
 
 
 class Group:
-    """The process group a call runs over, or a single process."""
+    """The process group a call runs over, or a single process; ``knobs``: the
+    call's snapshot (its ``collective_timeout_s`` bounds every collective)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, knobs: knobs_mod.Knobs | None = None) -> None:
+        self.timeout_s = (knobs if knobs is not None else knobs_mod.get()).collective_timeout_s
         self.enabled = dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if self.enabled else 0
@@ -119,13 +112,13 @@ class Group:
         if not self.distributed:
             yield
             return
-        with collective_deadline(self.group):
+        with collective_deadline(self.group, self.timeout_s):
             try:
                 yield
             except ShardckptError:
                 raise
             except RuntimeError as e:
-                limit = knobs.get().collective_timeout_s
+                limit = self.timeout_s
                 why = (f"lost contact with rank(s) of the process group (a peer died, or did not "
                        f"answer within collective_timeout_s={limit}s)" if lost_contact else
                        f"torch.distributed raised (as it does on losing contact with a peer, or "
@@ -154,9 +147,9 @@ class Group:
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     def _raise_if_failed(self, step: str, outcomes: list[Any], mine: Any, default: type[ShardckptError]) -> None:
-        failures = {r: o.exc for r, o in enumerate(outcomes) if isinstance(o, _Failed)}
+        failures = {r: o.exc for r, o in enumerate(outcomes) if isinstance(o, Failed)}
         if failures:
-            local = mine.exc if isinstance(mine, _Failed) else None
+            local = mine.exc if isinstance(mine, Failed) else None
             if not self.distributed and local is not None:
                 raise local
             raise_gathered(step, failures, default, local=local)
@@ -164,17 +157,17 @@ class Group:
     def run(self, step: str, fn: Callable[[], T], default_error: type[ShardckptError]) -> T:
         """Run ``fn`` on every rank; if any rank fails, every rank raises. Only the
         status travels (``None`` or the failure), not ``fn``'s result."""
-        mine = _attempt(fn)
-        self._exchange(step, mine if isinstance(mine, _Failed) else None, default_error)
+        mine = attempt(fn)
+        self._exchange(step, mine if isinstance(mine, Failed) else None, default_error)
         return mine  # type: ignore[return-value]
 
     def all_gather(self, step: str, fn: Callable[[], T], default_error: type[ShardckptError]) -> list[T]:
         """Run ``fn`` on every rank and give every rank all the results (for values
         every rank really needs, e.g. each rank's RNG state); failures raise everywhere."""
-        return self._exchange(step, _attempt(fn), default_error)
+        return self._exchange(step, attempt(fn), default_error)
 
     def _exchange(self, step: str, mine: Any, default_error: type[ShardckptError]) -> list[Any]:
-        """All-gather ``mine`` (a value or a ``_Failed``); raise if any rank failed."""
+        """All-gather ``mine`` (a value or a ``Failed``); raise if any rank failed."""
         outcomes: list[Any] = [mine]
         if self.distributed:
             outcomes = [None] * self.world_size
@@ -191,10 +184,10 @@ class Group:
         default_error: type[ShardckptError],
     ) -> R:
         """Each rank computes a value; the coordinator maps all of them to one result per rank."""
-        mine = _attempt(local_fn)
+        mine = attempt(local_fn)
         if not self.distributed:
             self._raise_if_failed(step, [mine], mine, default_error)
-            out = _attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
+            out = attempt(lambda: global_fn([mine]))  # type: ignore[list-item]
             self._raise_if_failed(step, [out], out, default_error)
             return out[0]  # type: ignore[index]
         gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
@@ -218,7 +211,7 @@ class Group:
         (sent once, by broadcast)."""
         if not self.distributed:
             return self.gather_scatter(step, local_fn, lambda vals: [global_fn(vals)], default_error)
-        mine = _attempt(local_fn)
+        mine = attempt(local_fn)
         gathered: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
         box: list[Any] = [None]
         with self.guard(step, default_error):
@@ -230,18 +223,18 @@ class Group:
 
     def _coordinate(self, gathered: list[Any], fn: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """Coordinator: the per-rank results, or the failures for every rank to raise."""
-        failures = {r: o for r, o in enumerate(gathered) if isinstance(o, _Failed)}
+        failures = {r: o for r, o in enumerate(gathered) if isinstance(o, Failed)}
         if failures:
             return [("failed", {r: f.exc for r, f in failures.items()})] * self.world_size
-        out = _attempt(lambda: fn(gathered))
-        if isinstance(out, _Failed):
+        out = attempt(lambda: fn(gathered))
+        if isinstance(out, Failed):
             return [("failed", {self.rank: out.exc})] * self.world_size
         return [("ok", v) for v in out]
 
     def _unpack(self, step: str, packed: tuple[str, Any], mine: Any, default: type[ShardckptError]) -> Any:
         status, value = packed
         if status == "failed":
-            raise_gathered(step, value, default, local=mine.exc if isinstance(mine, _Failed) else None)
+            raise_gathered(step, value, default, local=mine.exc if isinstance(mine, Failed) else None)
         return value
 
     def barrier(self, step: str = "barrier", default_error: type[ShardckptError] = ShardckptError) -> None:

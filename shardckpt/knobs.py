@@ -2,10 +2,13 @@
 
 Tests shrink ``chunk_bytes`` so tiny tensors exercise the chunked paths.
 
-A save snapshots the knobs at call time (``get()`` in the caller) and its
-background part runs under ``use(snapshot)``, so ``override()`` around
-``async_save`` applies to the whole save even though the write happens later on
-another thread. ``use`` is per thread; ``override`` is process-wide.
+Every call (a save, a load, a verify) takes a snapshot with ``get()`` in the
+caller's thread and passes it down: a ``SaveRequest`` carries it, storages opened
+for the call hold it (``Storage.knobs``), collectives take their timeout from it.
+No worker thread reads ``get()``, so ``override()`` around ``async_save`` governs
+its background part too. ``override`` applies to the thread that enters it (and
+the calls that thread starts): two threads overriding at once never see each
+other's values.
 """
 
 from __future__ import annotations
@@ -13,13 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
-from typing import TypeVar
 
-T = TypeVar("T")
-
-__all__ = ["Knobs", "get", "override", "use", "bind"]
+__all__ = ["Knobs", "get", "override"]
 
 
 def _env_int(name: str, default: int, allow_zero: bool = False) -> int:
@@ -110,31 +110,18 @@ class Knobs:
 
 
 _ZERO_OK = {"writeback_bytes", "retry_base_ms"}
-_current: Knobs = Knobs.from_env()
+_defaults: Knobs = Knobs.from_env()
 _local = threading.local()
 
 
 def get() -> Knobs:
-    """The knobs in force now (this thread's ``use`` snapshot, if any)."""
-    pinned = getattr(_local, "knobs", None)
-    return pinned if pinned is not None else _current
+    """The knobs in force in this thread now: its innermost ``override``, else the
+    process defaults (``SHARDCKPT_*`` environment variables read at import)."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else _defaults
 
 
-@contextlib.contextmanager
-def use(snapshot: Knobs) -> Iterator[Knobs]:
-    """Run this thread under ``snapshot`` (a save's knobs, taken at call time)."""
-    previous = getattr(_local, "knobs", None)
-    _local.knobs = snapshot
-    try:
-        yield snapshot
-    finally:
-        _local.knobs = previous
-
-
-@contextlib.contextmanager
-def override(**changes: int | str) -> Iterator[Knobs]:
-    """Temporarily change knobs: ``with knobs.override(chunk_bytes=64): ...``."""
-    global _current
+def _validated(changes: dict[str, int | str]) -> None:
     names = {f.name for f in fields(Knobs)}
     unknown = set(changes) - names
     if unknown:
@@ -146,21 +133,20 @@ def override(**changes: int | str) -> Iterator[Knobs]:
             continue
         if not isinstance(value, int) or value < 0 or (value == 0 and name not in _ZERO_OK):
             raise ValueError(f"knob {name} must be a positive int, got {value!r}")
-    previous = _current
-    _current = replace(previous, **changes)
+
+
+@contextlib.contextmanager
+def override(**changes: int | str) -> Iterator[Knobs]:
+    """Change knobs for this thread while the block runs:
+    ``with knobs.override(chunk_bytes=64): ...``. Calls made inside take the changed
+    values with them to their own threads."""
+    _validated(changes)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    snapshot = replace(get(), **changes)
+    stack.append(snapshot)
     try:
-        yield _current
+        yield snapshot
     finally:
-        _current = previous
-
-
-def bind(fn: Callable[[], T]) -> Callable[[], T]:
-    """``fn`` to run on a worker thread under the knobs in force here and now (a pool
-    thread would otherwise see the process-wide knobs, not this save's snapshot)."""
-    snapshot = get()
-
-    def run() -> T:
-        with use(snapshot):
-            return fn()
-
-    return run
+        stack.pop()

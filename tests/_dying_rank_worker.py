@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import shardckpt
 from shardckpt.dcp.reader import ShardckptReader
-from shardckpt.dcp.writer import ShardckptWriter
+from shardckpt.io.save_target import SaveTarget
 from shardckpt.manager import step_dirname
 
 
@@ -53,16 +53,16 @@ def _fire(out: str, how: str) -> None:
 def _arm(phase: str, out: str, how: str) -> None:
     """Make this (victim) process signal itself in the middle of the faulty step."""
     if phase in ("save", "async_save"):
-        original_write = ShardckptWriter.write_items
+        original_write = SaveTarget.write_items
 
-        def write_items(self, plan, resolve):  # type: ignore[no-untyped-def]
+        def write_items(self, target, items, resolve):  # type: ignore[no-untyped-def]
             def resolve_then_die(item):  # type: ignore[no-untyped-def]
                 _fire(out, how)
                 return resolve(item)
 
-            return original_write(self, plan, resolve_then_die)
+            return original_write(self, target, items, resolve_then_die)
 
-        ShardckptWriter.write_items = write_items  # type: ignore[method-assign]
+        SaveTarget.write_items = write_items  # type: ignore[method-assign]
     else:
         original_read = ShardckptReader.read_data
 

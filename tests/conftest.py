@@ -1,23 +1,5 @@
-import sys
-import types
 
 import pytest
-
-
-def _install_checksum_standin() -> None:
-    # Only while the compiled extension's shim is absent (bootstrapping); CI has it.
-    try:
-        import shardckpt.native.crc32c
-    except ImportError:
-        import crc32c as _c
-
-        m = types.ModuleType("shardckpt.native.crc32c")
-        m.crc32c = lambda d, v=0: _c.crc32c(d, v)
-        m.implementation = lambda: "standin"
-        sys.modules["shardckpt.native.crc32c"] = m
-
-
-_install_checksum_standin()
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.dcp.writer import ShardckptWriter
 from shardckpt.errors import CheckpointWriteError, SaveInProgressError
+from shardckpt.io.save_target import SaveTarget
 
 
 @pytest.fixture
@@ -123,19 +123,19 @@ def test_unwritable_target_fails_in_the_call(tmp_path, ckpt):
 
 def test_background_failure_is_raised_and_nothing_committed(tmp_path, ckpt, monkeypatch):
     shardckpt.save({"a": torch.ones(2)}, tmp_path / "good")
-    real = ShardckptWriter.write_items
+    real = SaveTarget.write_items
 
-    def disk_full(self, plan, resolve):
+    def disk_full(self, *args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ShardckptWriter, "write_items", disk_full)
+    monkeypatch.setattr(SaveTarget, "write_items", disk_full)
     h = ckpt.async_save({"a": torch.ones(2)}, tmp_path / "c")
     with pytest.raises(CheckpointWriteError, match="No space left"):
         h.result()
     h2 = ckpt.async_save({"a": torch.ones(2)}, tmp_path / "d")
     while not h2.done():  # wait without asking for its result: the failure stays unreported
         time.sleep(0.01)
-    monkeypatch.setattr(ShardckptWriter, "write_items", real)
+    monkeypatch.setattr(SaveTarget, "write_items", real)
     # an unreported failure surfaces on the next save (which does not start), then is cleared
     with pytest.raises(CheckpointWriteError, match="earlier async save failed"):
         ckpt.async_save({"a": torch.ones(2)}, tmp_path / "next")
@@ -147,19 +147,19 @@ def test_background_failure_is_raised_and_nothing_committed(tmp_path, ckpt, monk
 
 
 def test_failure_midway_leaves_target_uncommitted(tmp_path, ckpt, monkeypatch):
-    real = ShardckptWriter.commit_assigned
+    real = SaveTarget.commit_assigned
 
     def failing_finish(self, skeleton, written):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ShardckptWriter, "commit_assigned", failing_finish)
+    monkeypatch.setattr(SaveTarget, "commit_assigned", failing_finish)
     h = ckpt.async_save({"a": torch.ones(2)}, tmp_path / "c")
     with pytest.raises(CheckpointWriteError, match="No space left"):
         h.result()
     assert not (tmp_path / "c").exists()  # the failed save removed what it had written
     with pytest.raises(shardckpt.CheckpointNotFoundError):
         shardckpt.verify(tmp_path / "c")
-    monkeypatch.setattr(ShardckptWriter, "commit_assigned", real)
+    monkeypatch.setattr(SaveTarget, "commit_assigned", real)
     ckpt.async_save({"a": torch.ones(2)}, tmp_path / "c").result()
     shardckpt.verify(tmp_path / "c")
 
@@ -167,13 +167,13 @@ def test_failure_midway_leaves_target_uncommitted(tmp_path, ckpt, monkeypatch):
 @pytest.fixture
 def slow_writes(monkeypatch):
     gate = threading.Event()
-    real = ShardckptWriter.write_items
+    real = SaveTarget.write_items
 
-    def gated(self, plan, resolve):
+    def gated(self, *args):
         gate.wait(30)
-        return real(self, plan, resolve)
+        return real(self, *args)
 
-    monkeypatch.setattr(ShardckptWriter, "write_items", gated)
+    monkeypatch.setattr(SaveTarget, "write_items", gated)
     yield gate
     gate.set()
 

@@ -39,13 +39,13 @@ def _train_while_saving(rank, world_size, path):
 
 def _one_rank_fails(rank, world_size, path):
     import shardckpt
-    from shardckpt.dcp.writer import ShardckptWriter
+    from shardckpt.io.save_target import SaveTarget
 
     if rank == 1:
-        def disk_full(self, plan, resolve):
+        def disk_full(self, *args):
             raise OSError(28, "No space left on device")
 
-        ShardckptWriter.write_items = disk_full
+        SaveTarget.write_items = disk_full
     sd = {f"t{r}": torch.full((1000,), float(r)) for r in range(4)}  # replicated: spread over ranks
     with shardckpt.AsyncCheckpointer() as ckpt:
         h = ckpt.async_save(sd, path)

@@ -25,7 +25,7 @@ import torch
 
 import shardckpt
 from shardckpt.cli import parse_storage_options
-from shardckpt.dcp.writer import ShardckptWriter
+from shardckpt.io.save_target import SaveTarget
 from shardckpt.manager import (
     OWNER_MARKER,
     CheckpointManager,
@@ -155,13 +155,13 @@ def gate_writes(monkeypatch) -> threading.Event:
     """From now on, every shard write waits until the returned event is set (as
     tests/test_async.py's ``slow_writes``): an async save stays in flight."""
     gate = threading.Event()
-    real = ShardckptWriter.write_items
+    real = SaveTarget.write_items
 
-    def gated(self, plan, resolve):
+    def gated(self, *args):
         gate.wait(60)
-        return real(self, plan, resolve)
+        return real(self, *args)
 
-    monkeypatch.setattr(ShardckptWriter, "write_items", gated)
+    monkeypatch.setattr(SaveTarget, "write_items", gated)
     return gate
 
 

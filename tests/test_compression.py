@@ -137,7 +137,7 @@ def test_bad_compression_argument():
 def test_auto_default_is_raw_locally_and_zstd_on_object_stores(tmp_path):
     from shardckpt.backends import open_storage
     from shardckpt.backends.fsspec_backend import FsspecStorage
-    from shardckpt.dcp.writer import default_compression
+    from shardckpt.io.save_target import default_compression
 
     sd = {"w": torch.randn(20_000)}
     shardckpt.save(sd, tmp_path / "c")  # default: "auto"

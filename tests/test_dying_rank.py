@@ -171,7 +171,7 @@ store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
 dist.init_process_group("gloo", store=store, rank=0, world_size=1)
 backend = dist.group.WORLD._get_backend(torch.device("cpu"))
 before = backend.options._timeout
-with collective_deadline(None):
+with collective_deadline(None, knobs.get().collective_timeout_s):
     inside = backend.options._timeout
     dist.barrier()
 print(knobs.get().collective_timeout_s, int(before.total_seconds()), int(inside.total_seconds()),

@@ -30,12 +30,40 @@ def test_environment_overrides():
     assert bad.returncode != 0 and "SHARDCKPT_CHUNK_BYTES" in bad.stderr
 
 
-def test_bind_carries_this_threads_snapshot_to_a_worker_thread():
-    from concurrent.futures import ThreadPoolExecutor
+def test_override_belongs_to_the_thread_that_entered_it():
+    import threading
 
+    seen: dict[str, int] = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with knobs.override(chunk_bytes=8192):
+            inside.set()
+            release.wait(10)
+            seen["other"] = knobs.get().chunk_bytes
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(10)
     with knobs.override(chunk_bytes=4096):
-        snapshot = knobs.get()
-    with knobs.use(snapshot), ThreadPoolExecutor(1) as pool:
-        bound = pool.submit(knobs.bind(lambda: knobs.get().chunk_bytes)).result()
-        unbound = pool.submit(lambda: knobs.get().chunk_bytes).result()
-    assert bound == 4096 and unbound == knobs.Knobs.from_env().chunk_bytes != 4096
+        seen["main"] = knobs.get().chunk_bytes
+        release.set()
+        t.join(10)
+    assert seen == {"main": 4096, "other": 8192}
+    assert knobs.get() == knobs.Knobs.from_env()
+
+
+def test_a_saves_snapshot_reaches_its_background_threads(tmp_path):
+    """The async part of a save runs on another thread and still cuts chunks by the
+    caller's override (the request carries it): the manifest's chunks show it."""
+    import torch
+
+    import shardckpt
+    from shardckpt.store import CheckpointDir
+
+    with knobs.override(chunk_bytes=1024):
+        shardckpt.async_save({"w": torch.zeros(4096)}, tmp_path / "c").result()
+    shardckpt.close()
+    entry = CheckpointDir.at(tmp_path / "c").read_manifest().entries["w"]
+    sizes = {c.raw_len for s in entry.shards for c in s.blob.chunks}
+    assert sizes == {1024}, sizes

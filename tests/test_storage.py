@@ -181,11 +181,12 @@ def test_retry_classifies_and_bounds():
         return "ok"
 
     with knobs.override(retry_base_ms=0):
-        assert call_with_retry("get s3://b/k", flaky) == "ok" and len(calls) == 3
+        assert call_with_retry("get s3://b/k", flaky, knobs.get()) == "ok" and len(calls) == 3
         calls.clear()
         with pytest.raises(OSError, match=r"put s3://b/k \(gave up after 2 attempts\)"):
             with knobs.override(retry_attempts=2):
-                call_with_retry("put s3://b/k", lambda: (calls.append(1), (_ for _ in ()).throw(_Flaky(503))))
+                call_with_retry("put s3://b/k", lambda: (calls.append(1), (_ for _ in ()).throw(_Flaky(503))),
+                                knobs.get())
         assert len(calls) == 2
         calls.clear()
 
@@ -194,7 +195,7 @@ def test_retry_classifies_and_bounds():
             raise PermissionError("Access Denied")
 
         with pytest.raises(PermissionError, match="put s3://b/manifest.json"):
-            call_with_retry("put s3://b/manifest.json", denied)
+            call_with_retry("put s3://b/manifest.json", denied, knobs.get())
         assert len(calls) == 1  # permanent: never retried
 
 

@@ -16,6 +16,8 @@ import abc
 from dataclasses import dataclass
 from typing import Protocol
 
+from .. import knobs as knobs_mod
+
 __all__ = ["Capabilities", "Storage", "ShardFile", "RandomReader"]
 
 
@@ -69,6 +71,18 @@ class Storage(abc.ABC):
 
     url: str
     capabilities: Capabilities = Capabilities()
+    _knobs: knobs_mod.Knobs | None = None
+
+    @property
+    def knobs(self) -> knobs_mod.Knobs:
+        """The knob snapshot of the call this storage serves (``open_storage(knobs=...)``,
+        kept by ``child``): every thread working for that call reads it here. A
+        storage made some other way reads the knobs in force."""
+        return self._knobs if self._knobs is not None else knobs_mod.get()
+
+    @knobs.setter
+    def knobs(self, value: knobs_mod.Knobs) -> None:
+        self._knobs = value
 
     # -- reading
 

@@ -80,7 +80,7 @@ class FsspecStorage(Storage):
         return f"{self.root}/{rel}" if rel else self.root
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return call_with_retry(what, fn) if self.capabilities.remote else fn()
+        return call_with_retry(what, fn, self.knobs) if self.capabilities.remote else fn()
 
     def _fresh(self, path: str) -> None:
         invalidate = getattr(self.fs, "invalidate_cache", None)
@@ -148,4 +148,6 @@ class FsspecStorage(Storage):
         self._fresh(path)
 
     def child(self, rel: str) -> FsspecStorage:
-        return FsspecStorage(self.fs, self._p(rel), f"{self.url}/{rel}" if rel else self.url)
+        out = FsspecStorage(self.fs, self._p(rel), f"{self.url}/{rel}" if rel else self.url)
+        out._knobs = self._knobs
+        return out

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..knobs import Knobs
+from ..knobs import get as get_knobs
 from .base import Storage
 
 __all__ = ["BackendFactory", "register_backend", "open_storage", "check_storage_options", "ENTRY_POINT_GROUP"]
@@ -87,9 +89,11 @@ def check_storage_options(storage_options: Any) -> None:
         raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
 
 
-def open_storage(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Storage:
+def open_storage(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *,
+                 knobs: Knobs | None = None) -> Storage:
     """The backend for a checkpoint URL or path. ``storage_options`` go to the
-    backend (for fsspec/s3fs: the filesystem's constructor arguments)."""
+    backend (for fsspec/s3fs: the filesystem's constructor arguments); ``knobs``:
+    the calling save's or load's snapshot (default: the knobs in force now)."""
     url = os.fspath(url)
     if not url:
         raise ValueError("checkpoint path is empty")
@@ -99,4 +103,6 @@ def open_storage(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
     factory = _registered.get(scheme) or (_declared(scheme) if scheme else None) or _BUILTIN.get(scheme)
     if factory is None:
         factory = _open_fsspec
-    return factory(url, options)
+    storage = factory(url, options)
+    storage.knobs = knobs if knobs is not None else get_knobs()
+    return storage

@@ -88,9 +88,10 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def call_with_retry(what: str, fn: Callable[[], T], transient: Callable[[BaseException], bool] = is_transient) -> T:
-    """``fn()``, retried on transient errors; the final error names ``what`` (the object)."""
-    k = knobs.get()
+def call_with_retry(what: str, fn: Callable[[], T], k: knobs.Knobs,
+                    transient: Callable[[BaseException], bool] = is_transient) -> T:
+    """``fn()``, retried on transient errors under the call's knobs ``k``; the final
+    error names ``what`` (the object)."""
     deadline = time.monotonic() + k.retry_max_seconds
     attempt = 0
     while True:

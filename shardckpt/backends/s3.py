@@ -38,7 +38,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .. import knobs
 from .base import Capabilities, Storage
 from .retry import call_with_retry
 
@@ -110,7 +109,7 @@ class _Upload:
     """One shard file as a multipart upload; a single PUT if it fits in one part."""
 
     def __init__(self, storage: S3Storage, key: str) -> None:
-        k = knobs.get()
+        k = storage.knobs
         self._s3, self._key = storage, key
         self._part_bytes = max(_MIN_PART, k.part_bytes)
         self._limit = max(1, k.upload_concurrency)
@@ -148,7 +147,7 @@ class _Upload:
             r = s3._call("upload_part", key, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
             return {"PartNumber": number, "ETag": r["ETag"]}
 
-        self._in_flight.append(self._pool.submit(knobs.bind(upload)))
+        self._in_flight.append(self._pool.submit(upload))
 
     def close(self) -> None:
         s3, key = self._s3, self._key
@@ -202,7 +201,7 @@ class _Reader:
 
     def read_into(self, offset: int, out: memoryview) -> None:
         view = out.cast("B")
-        k = knobs.get()
+        k = self._s3.knobs
         step = max(1, k.read_part_bytes)
         if offset == 0 and self._size == view.nbytes:
             step = max(1, view.nbytes)  # a whole object: one GET (no range to serve piecewise)
@@ -213,7 +212,7 @@ class _Reader:
             return
         with ThreadPoolExecutor(min(len(ranges), max(1, k.read_concurrency)),
                                 thread_name_prefix="shardckpt-s3-read") as pool:
-            for f in [pool.submit(knobs.bind(lambda s=s, e=e: self._get(offset, view, s, e))) for s, e in ranges]:
+            for f in [pool.submit(self._get, offset, view, s, e) for s, e in ranges]:
                 f.result()
 
     def _get(self, base: int, view: memoryview, s: int, e: int) -> None:
@@ -251,7 +250,7 @@ class S3Storage(Storage):
         return f"s3://{self.bucket}/{key}"
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return call_with_retry(what, fn)
+        return call_with_retry(what, fn, self.knobs)
 
     def _call(self, op: str, key: str, **kwargs: Any) -> Any:
         what = f"{op} {self._url_of(key)}" if key else f"{op} s3://{self.bucket}"
@@ -380,5 +379,7 @@ class S3Storage(Storage):
                 return n
 
     def child(self, rel: str) -> S3Storage:
-        return S3Storage(f"s3://{self.bucket}/{self._k(rel)}", self.storage_options, _fs=self.fs)
+        out = S3Storage(f"s3://{self.bucket}/{self._k(rel)}", self.storage_options, _fs=self.fs)
+        out._knobs = self._knobs
+        return out
 

@@ -9,20 +9,20 @@ Call order (DCP drives it; ``[all]`` = every rank, ``[coord]`` = coordinator onl
 4. [all]   ``prepare_local_plan`` / [coord] ``prepare_global_plan``: the coordinator
    gives each replicated read item one owner rank (``_shared_reads``, where
    ``knobs.shared_reads`` and the backend's capabilities ask for it).
-5. [all]   ``read_data(plan, planner)``: for each requested slice, reads only the
-   chunks covering it, checks each chunk's CRC32C, then copies into the tensor
-   the planner resolves. Objects are decoded without code execution; a stored
-   ``io.BytesIO`` is written into the state_dict's BytesIO at that key. With
-   shared reads, each rank reads what it owns and then every rank takes part in
-   the transfers of the owned pieces, in one order (``_shared_reads.read_shared``).
+5. [all]   ``read_data(plan, planner)``: resolves each item's destination through
+   the planner and hands the reads to ``io.ShardReader`` (only the chunks covering
+   a slice are read, each CRC-checked). Objects are decoded without code
+   execution; a stored ``io.BytesIO`` is written into the state_dict's BytesIO at
+   that key. With shared reads, each rank reads what it owns and then every rank
+   takes part in the transfers of the owned pieces (``io.shared_reads``).
+
+The reading itself is ``io.shard_reader``'s; this module adapts it to DCP.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -38,15 +38,14 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from .. import knobs
-from ..backends import RandomReader, Storage, open_storage
+from .. import knobs as knobs_mod
+from ..backends import Storage, open_storage
 from ..collectives import Group
 from ..errors import CheckpointReadError, CorruptCheckpointError
-from ..format.chunks import read_chunks
-from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
-from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry, TensorShard
-from ..format.objects import decode_object, weights_only_reason
-from ..io import shared_reads as _shared_reads
+from ..format.layout import dtype_from_name
+from ..format.manifest import Manifest, ObjectEntry, TensorEntry
+from ..io import shared_reads
+from ..io.shard_reader import Job, ShardReader, find_shard
 from ..store import CheckpointDir
 
 __all__ = ["ShardckptReader", "manifest_to_metadata", "shares_reads"]
@@ -73,42 +72,6 @@ def manifest_to_metadata(m: Manifest) -> Metadata:
     return Metadata(state_dict_metadata=sd_md, planner_data=planner_data, storage_data=storage_data)
 
 
-class _Files:
-    """Open readers per shard file, shared by the read threads; sizes checked once."""
-
-    def __init__(self, storage: Storage, manifest: Manifest) -> None:
-        self._storage, self._manifest = storage, manifest
-        self._open: dict[str, RandomReader] = {}
-        self._lock = threading.Lock()
-
-    def get(self, rel: str) -> RandomReader:
-        with self._lock:
-            r = self._open.get(rel)
-            if r is None:
-                try:
-                    r = self._storage.open_reader(rel)
-                except (FileNotFoundError, NotADirectoryError):
-                    raise CorruptCheckpointError(
-                        f"{self._storage.url}: shard file {rel} is missing", file=rel
-                    ) from None
-                size, expected = r.size(), self._manifest.files[rel]
-                if size != expected:
-                    r.close()
-                    raise CorruptCheckpointError(
-                        f"{self._storage.url}: shard file {rel} is {size} bytes, the manifest "
-                        f"records {expected} (truncated or modified)",
-                        file=rel,
-                    )
-                self._open[rel] = r
-            return r
-
-    def close(self) -> None:
-        with self._lock:
-            for r in self._open.values():
-                r.close()
-            self._open.clear()
-
-
 class ShardckptReader(StorageReader):
     """Read a shardckpt checkpoint with ``torch.distributed.checkpoint.load``.
 
@@ -129,10 +92,14 @@ class ShardckptReader(StorageReader):
         manifest: Manifest | None = None,
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
+        knobs: knobs_mod.Knobs | None = None,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
-        self._process_group = process_group
+        self.process_group = process_group
+        # the snapshot every thread of a load through this reader uses (DCP: taken at reset)
+        self._pinned = knobs
+        self.knobs = knobs if knobs is not None else knobs_mod.get()
         self._dcp_rank: int | None = None
         self.storage_options = storage_options
         self._storage: Storage | None = None
@@ -142,6 +109,7 @@ class ShardckptReader(StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         # (read_metadata re-reads the manifest; DCP calls reset() only with an id.)
+        self.knobs = self._pinned if self._pinned is not None else knobs_mod.get()
         if checkpoint_id is not None and os.fspath(checkpoint_id) != self.path:
             self.path = os.fspath(checkpoint_id)
             self._storage = None
@@ -150,7 +118,7 @@ class ShardckptReader(StorageReader):
     @property
     def storage(self) -> Storage:
         if self._storage is None:
-            self._storage = open_storage(self.path, self.storage_options)
+            self._storage = open_storage(self.path, self.storage_options, knobs=self.knobs)
         return self._storage
 
     @property
@@ -173,12 +141,12 @@ class ShardckptReader(StorageReader):
         self._dcp_rank = kwargs.get("rank")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return _shared_reads.with_rank_info(plan, Group(self._process_group), self._dcp_rank)
+        return shared_reads.with_rank_info(plan, Group(self.process_group, self.knobs), self._dcp_rank)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        k = knobs.get()
-        if not _shared_reads.wanted(k.shared_reads, self.storage.capabilities.remote):
-            return _shared_reads.without_sharing(plans)
+        k = self.knobs
+        if not shared_reads.wanted(k.shared_reads, self.storage.capabilities.remote):
+            return shared_reads.without_sharing(plans)
         entries = self.manifest.entries
 
         def dtype_of(key: str) -> str | None:
@@ -187,57 +155,25 @@ class ShardckptReader(StorageReader):
 
         def shard_sizes(item: ReadItem) -> tuple[int, ...]:
             e = entries[item.storage_index.fqn]
-            return _find_shard(e, item.storage_index).sizes  # type: ignore[arg-type]
+            return find_shard(e, item.storage_index).sizes  # type: ignore[arg-type]
 
-        return _shared_reads.plan_shared_reads(plans, dtype_of, shard_sizes, k.max_read_bytes)
+        return shared_reads.plan_shared_reads(plans, dtype_of, shard_sizes, k.max_read_bytes)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        manifest = self.manifest
-        files = _Files(self.storage, manifest)
-        k = knobs.get()
+        reader = ShardReader(self.storage, self.manifest, self.knobs)
         try:
-            def build_jobs() -> list[Any]:
-                jobs = []
-                for item in plan.items:
-                    entry = manifest.entries.get(item.storage_index.fqn)
-                    if item.type == LoadItemType.BYTE_IO:
-                        if not isinstance(entry, ObjectEntry):
-                            raise CorruptCheckpointError(f"key {item.storage_index.fqn!r} is not an object", key=item.storage_index.fqn)
-                        _load_object(files, item, entry, planner)
-                        continue
-                    if not isinstance(entry, TensorEntry):
-                        raise CorruptCheckpointError(f"key {item.storage_index.fqn!r} is not a tensor", key=item.storage_index.fqn)
-                    shard = _find_shard(entry, item.storage_index)
-                    dest = planner.resolve_tensor(item)
-                    if tuple(dest.shape) != tuple(item.lengths):
-                        raise CheckpointReadError(
-                            f"key {item.dest_index.fqn!r}: destination region {list(dest.shape)} "
-                            f"!= requested {list(item.lengths)}", key=item.dest_index.fqn)
-                    jobs.append((item, entry, shard, dest))
-                return jobs
+            def build_jobs() -> list[Job]:
+                return [j for j in (_job(reader, item, planner) for item in plan.items) if j is not None]
 
-            # Remote reads wait on the network, not on CPU: keep more of them in flight.
-            workers = k.read_concurrency if self.storage.capabilities.remote else k.io_threads
-            shared = _shared_reads.shared_plan_of(plan)
+            shared = shared_reads.shared_plan_of(plan)
             if shared is not None:  # replicated pieces: read once, shared over the group
-                jobs = _shared_reads.read_shared(
-                    shared, Group(self._process_group), build_jobs,
-                    lambda j, pc: _read_piece(files, j, pc), lambda j: _pieces(j, k.max_read_bytes), workers)
+                jobs = reader.read_tensors([], shared, Group(self.process_group, self.knobs), build_jobs)
             else:
-                jobs = build_jobs()
-            if jobs and shared is None:
-                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardckpt-read") as pool:
-                    futures = [
-                        pool.submit(knobs.bind(lambda j=key_entry_shard, pc=piece: _read_piece(files, j, pc)))
-                        for key_entry_shard in jobs
-                        for piece in _pieces(key_entry_shard, k.max_read_bytes)
-                    ]
-                    for f in futures:
-                        f.result()
+                jobs = reader.read_tensors(build_jobs())
             for item, _, _, dest in jobs:
                 planner.commit_tensor(item, dest)
         finally:
-            files.close()
+            reader.close()
             # The next load through this reader re-reads the manifest: the checkpoint at
             # this path may be overwritten in between (DCP calls reset() only with an id).
             self._manifest, self._fresh = None, False
@@ -250,102 +186,28 @@ class ShardckptReader(StorageReader):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
-def _find_shard(entry: TensorEntry, index: MetadataIndex) -> TensorShard:
-    # the ordinal DCP's planners give as a hint is checked, not trusted
-    j = index.index
-    if j is None or not 0 <= j < entry.num_shards or entry.box(j)[0] != tuple(index.offset or ()):
-        j = entry.find(tuple(index.offset or ()))
-    if j is not None:
-        return entry.shards[j]
-    raise CorruptCheckpointError(f"key {index.fqn!r}: no stored slice at {list(index.offset or ())}", key=index.fqn)
-
-
-def _pieces(job: tuple[ReadItem, TensorEntry, TensorShard, torch.Tensor], max_bytes: int) -> list[Any]:
-    item, entry, shard, _ = job
-    itemsize = dtype_from_name(entry.dtype).itemsize
-    return split_box(shard.sizes, item.storage_offsets, item.lengths, itemsize, max_bytes)
-
-
-class _BufferPool:
-    """Read buffers kept across loads: a fresh buffer costs page faults (~5x slower
-    than copying into a reused one). Holds at most ``io_threads`` buffers of at
-    most ``max_read_bytes`` each."""
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def acquire(self, nbytes: int) -> torch.Tensor:
-        # (indices, not list.remove: that would compare tensors elementwise)
-        with self._lock:
-            sizes = [b.numel() for b in self._free]
-            fits = [i for i, n in enumerate(sizes) if n >= nbytes]
-            if fits:
-                return self._free.pop(min(fits, key=sizes.__getitem__))
-            if self._free:  # drop the largest too-small one; it is replaced by a bigger one
-                self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
-
-    def release(self, buf: torch.Tensor) -> None:
-        k = knobs.get()
-        if buf.numel() <= k.max_read_bytes:
-            with self._lock:
-                if len(self._free) < k.io_threads:
-                    self._free.append(buf)
-
-
-_pool = _BufferPool()
-
-
-def _read_piece(files: _Files, job: Any, piece: Any) -> None:
-    item, entry, shard, dest = job
-    offsets, lengths, _, _ = piece
-    dtype = dtype_from_name(entry.dtype)
-    itemsize = dtype.itemsize
-    lo, hi = box_flat_range(shard.sizes, offsets, lengths)
-    if hi == lo:
-        return
+def _job(reader: ShardReader, item: ReadItem, planner: LoadPlanner) -> Job | None:
+    """The read job of a tensor item; an object item is read and handed over here (None)."""
     key = item.storage_index.fqn
-    held: list[torch.Tensor] = []
-
-    def alloc(n: int) -> torch.Tensor:
-        held.append(_pool.acquire(n))
-        return held[-1][:n]
-
-    try:
-        buf, raw_start = read_chunks(files.get(shard.blob.file), shard.blob, lo * itemsize, hi * itemsize, alloc, key)
-        _copy_box(buf, raw_start, dtype, shard, item, piece, lo, dest)
-    finally:
-        for b in held:
-            _pool.release(b)
-
-
-def _copy_box(buf: torch.Tensor, raw_start: int, dtype: torch.dtype, shard: TensorShard, item: ReadItem,
-              piece: Any, lo: int, dest: torch.Tensor) -> None:
-    offsets, lengths, dim, shift = piece
-    itemsize = dtype.itemsize
-    # The buffer starts at flat element raw_start/itemsize of the stored slice;
-    # view the wanted box inside it with the stored slice's C-order strides.
-    src = buf.view(dtype).as_strided(lengths, contiguous_strides(shard.sizes), lo - raw_start // itemsize)
-    whole = shift == 0 and list(lengths) == list(item.lengths)
-    (dest if whole else dest.narrow(dim, shift, lengths[dim])).copy_(src)
+    entry = reader.manifest.entries.get(key)
+    if item.type == LoadItemType.BYTE_IO:
+        if not isinstance(entry, ObjectEntry):
+            raise CorruptCheckpointError(f"key {key!r} is not an object", key=key)
+        _hand_over(planner, item, reader.read_object(key, entry))
+        return None
+    if not isinstance(entry, TensorEntry):
+        raise CorruptCheckpointError(f"key {key!r} is not a tensor", key=key)
+    shard = find_shard(entry, item.storage_index)
+    dest = planner.resolve_tensor(item)
+    if tuple(dest.shape) != tuple(item.lengths):
+        raise CheckpointReadError(
+            f"key {item.dest_index.fqn!r}: destination region {list(dest.shape)} "
+            f"!= requested {list(item.lengths)}", key=item.dest_index.fqn)
+    return item, entry, shard, dest
 
 
-def _load_object(files: _Files, item: ReadItem, entry: ObjectEntry, planner: LoadPlanner) -> None:
-    key = item.storage_index.fqn
-    if entry.blob is None:
-        value = entry.value
-    else:
-        blob: BlobRef = entry.blob
-        buf, _ = read_chunks(files.get(blob.file), blob, 0, blob.raw_len, lambda n: torch.empty(n, dtype=torch.uint8), key)
-        try:
-            value = decode_object(entry.encoding, bytes(buf.numpy()))
-        except Exception as e:  # noqa: BLE001 - a CRC-clean blob that won't decode is still corrupt
-            # torch's message advises weights_only=False: wrong advice for a file we don't trust.
-            why = weights_only_reason(e)
-            raise CorruptCheckpointError(
-                f"key {key!r}: stored {entry.encoding} value does not decode safely ({type(e).__name__}: {why}); "
-                "refusing to load it", key=key) from None
+def _hand_over(planner: LoadPlanner, item: ReadItem, value: Any) -> None:
+    """An object's decoded value to the planner (or into the state_dict's own BytesIO)."""
     in_place = isinstance(value, io.BytesIO) and _into_target_bytesio(planner, item, value)
     if in_place:
         return  # the state_dict's own BytesIO holds the value: nothing for a planner to unpickle
@@ -378,5 +240,5 @@ def _into_target_bytesio(planner: LoadPlanner, item: ReadItem, value: io.BytesIO
 def shares_reads(reader: ShardckptReader) -> bool:
     """Whether a load through ``reader`` reads replicated pieces once and shares them
     (``knobs.shared_reads``): then its local plans must go through ``prepare_global_plan``."""
-    return Group(reader._process_group).distributed and _shared_reads.wanted(
-        knobs.get().shared_reads, reader.storage.capabilities.remote)
+    return Group(reader.process_group).distributed and shared_reads.wanted(
+        reader.knobs.shared_reads, reader.storage.capabilities.remote)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from .. import knobs
+from .. import knobs as knobs_mod
 from ..collectives import Group
 from ..errors import CheckpointWriteError, SaveInProgressError, ShardckptError
 from ..format.codec import Compression
@@ -86,15 +86,15 @@ class AsyncCheckpointer:
 
     # -- groups and state
 
-    def _groups(self) -> tuple[Group, Group]:
+    def _groups(self, knobs: knobs_mod.Knobs) -> tuple[Group, Group]:
         if self._bg is None and dist.is_available() and dist.is_initialized():
             ranks = dist.get_process_group_ranks(self._pg) if self._pg is not None else None
             # Collective over the default group: every rank reaches its first save here.
             # Bounded like every shardckpt collective (knobs.collective_timeout_s).
-            timeout = timedelta(seconds=knobs.get().collective_timeout_s)
+            timeout = timedelta(seconds=knobs.collective_timeout_s)
             self._bg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
             self._ctl = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
-        return Group(self._bg), Group(self._ctl)
+        return Group(self._bg, knobs), Group(self._ctl, knobs)
 
     def _mark_reported(self, fut: Future[None]) -> None:
         with self._lock:
@@ -148,7 +148,7 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         request = SaveRequest.make(path, overwrite=overwrite, metadata=metadata, compression=compression,
                                    storage_options=storage_options, check_replicas=check_replicas)
-        bg, ctl = self._groups()
+        bg, ctl = self._groups(request.knobs)
         if busy != "wait" and self._any_rank_busy(ctl):
             if busy == "skip":
                 return None
@@ -156,8 +156,8 @@ class AsyncCheckpointer:
         self.wait()
 
         what = f"async save to {request.path}"
-        with knobs.use(request.knobs), typed_save_errors(what):
-            planned = plan_save(state_dict, request.writer(), bg, request.check_replicas)
+        with typed_save_errors(what):
+            planned = plan_save(state_dict, request.target(), bg, request.check_replicas)
         tensors, objects = [], {}
         for item in planned.plan.items:
             if item.type == WriteItemType.BYTE_IO:
@@ -177,9 +177,9 @@ class AsyncCheckpointer:
             return objects[item.index] if item.index in objects else staged[item.index]
 
         def job() -> None:
-            # The caller's knobs at call time, not whatever is in force when this runs.
+            # (the request carries the caller's knobs at call time down to every thread)
             try:
-                with knobs.use(request.knobs), typed_save_errors(what):
+                with typed_save_errors(what):
                     write_and_commit(planned, resolve, bg)
             finally:
                 if stream is not None:

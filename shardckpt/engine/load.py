@@ -33,18 +33,20 @@ from ..dcp.reader import ShardckptReader, shares_reads
 from ..errors import CheckpointReadError
 from ..format.layout import dtype_name
 from ..format.manifest import Manifest, TensorEntry
+from ..knobs import Knobs
 from ..store import CheckpointDir
 
 __all__ = ["load_state_dict", "plan_local_load", "tensor_reads"]
 
 
 def load_state_dict(state_dict: dict[str, Any], path: str | os.PathLike[str], strict: bool,
-                    group: Group, process_group: Any, storage_options: dict[str, Any] | None) -> None:
+                    group: Group, process_group: Any, storage_options: dict[str, Any] | None,
+                    knobs: Knobs) -> None:
     where = os.fspath(path)
     manifest = group.run("reading the manifest",
-                         lambda: CheckpointDir.at(path, storage_options).read_manifest(), CheckpointReadError)
+                         lambda: CheckpointDir.at(path, storage_options, knobs).read_manifest(), CheckpointReadError)
     reader = ShardckptReader(path, manifest=manifest, storage_options=storage_options,
-                             process_group=process_group)
+                             process_group=process_group, knobs=knobs)
     planner = SafeLoadPlanner(strict=strict)
     # Stateful values load as DCP loads them: into their state_dict, handed back only
     # after every rank's read succeeded

@@ -28,11 +28,10 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 from ..errors import CheckpointWriteError
 from ..format.grid import Layout, detect_layout
 from ..format.layout import DTYPES, dtype_name
+from ..io.manifest_builder import KeySpec, Skeleton
 
 __all__ = ["Summary", "Assignment", "Skeleton", "KeySpec", "summarize", "make_summary", "structure_hash", "plan_globally"]
 
-#: A key's structure: (kind "t"/"o", dtype name or "", global shape, key path).
-KeySpec = tuple[str, str, tuple[int, ...], tuple[Any, ...]]
 _GREEDY_MAX = 1024  # replicated boxes of one key balanced greedily by bytes; beyond, round-robin
 
 
@@ -65,17 +64,6 @@ class Assignment:
     key_nos: np.ndarray
     boxes: np.ndarray
     replicated: tuple[int, ...]  # positions of items other ranks hold too (replica check)
-
-
-@dataclass(frozen=True)
-class Skeleton:
-    """The manifest's structure, known once planning is done: per sorted key its spec
-    and layout (None: its slices are listed in the manifest from the write results)."""
-
-    world_size: int
-    keys: tuple[str, ...]
-    specs: tuple[KeySpec, ...]
-    layouts: tuple[Layout | None, ...]
 
 
 def summarize(plan: SavePlan) -> Summary:

@@ -5,26 +5,29 @@ the background.
 Call order, per part (``[all]`` every rank, ``[coord]`` the coordinator):
 
 ``plan_save``
-  1. [all]   planner.set_up_planner; writer.set_up_storage_writer;
-             local plan = writer.prepare_local_plan(planner.create_local_plan())
-  2. [coord] gathered plans → planner.create_global_plan (dedups replicas, balanced
-             by size) → writer.prepare_global_plan (checks/clears the target,
-             writes the shared-storage probe, assigns shard files) → one plan
-             back to each rank
-  3. [all]   planner.finish_plan; writer.check_shared (the coordinator's probe is
-             visible: ranks on a node-local path fail here, before any byte of
-             data is written); with ``check_replicas`` on, each rank's CRC32C of
-             the items several ranks hold goes to the coordinator, which raises
-             (or warns) if copies differ (``_replicas``); else only the status
+  1. [all]   DCP's planner.set_up_planner; local plan = planner.create_local_plan()
+             (skipped when the state_dict's structure is unchanged: ``plan_cache``),
+             summarized compactly (``planning.summarize``)
+  2. [coord] gathered summaries → ``planning.plan_globally`` (dedups replicas,
+             balanced by bytes, detects grids) → ``SaveTarget.begin`` (checks/clears
+             the target, writes the shared-storage probe) → one assignment back to
+             each rank (or, with a cached plan, only the save id and probe)
+  3. [all]   planner.finish_plan; ``SaveTarget.check_shared`` (the coordinator's
+             probe is visible: ranks on a node-local path fail here, before any
+             byte of data is written); with ``check_replicas`` on, each rank's
+             CRC32C of the items several ranks hold goes to the coordinator, which
+             raises (or warns) if copies differ (``replicas``); else only the status
 ``write_and_commit``
-  4. [all]   writer.write_items: this rank's shard file, chunked, CRC32C, fsynced
-  5. [coord] only if every rank succeeded: writer.finish commits the manifest
+  4. [all]   ``SaveTarget.write_assigned``: this rank's shard file, chunked,
+             CRC32C, made durable, then its index
+  5. [coord] only if every rank succeeded: ``SaveTarget.commit_assigned`` commits
+             the manifest
 
 Every step gathers errors: a failure anywhere is raised on every rank, and the
 coordinator then removes what the failed save left (its probe, its files, an
 otherwise empty directory; ``CheckpointDir.abandon``).
-This is what ``torch.distributed.checkpoint.save`` does, minus its single
-monolithic call; it uses only DCP's public planner and storage interfaces.
+This is what ``torch.distributed.checkpoint.save`` does, with shardckpt's own
+global planning; of DCP it uses only the public local planner.
 """
 
 from __future__ import annotations
@@ -39,19 +42,21 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .. import knobs
+from .. import knobs as knobs_mod
 from ..backends import check_storage_options
-from ..collectives import Group, _attempt, _Failed
-from ..dcp.writer import RankWritten, ShardckptWriter, assigned_target
+from ..collectives import Failed, Group, attempt
 from ..errors import CheckpointWriteError, ShardckptError
 from ..format import jsoncodec
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
-from . import plan_cache as _plan_cache
-from .planning import Assignment, Skeleton, Summary, plan_globally, summarize
+from ..io.manifest_builder import RankWritten, Skeleton, assigned_target
+from ..io.save_target import SaveTarget
+from . import plan_cache
+from .planning import Assignment, Summary, plan_globally, summarize
 from .replicas import (
     CheckReplicas,
     ReplicaDivergenceWarning,
@@ -61,7 +66,7 @@ from .replicas import (
     replica_key,
 )
 
-__all__ = ["SaveRequest", "PlannedSave", "plan_save", "write_and_commit", "typed_save_errors"]
+__all__ = ["SaveRequest", "PlannedSave", "plan_save", "write_and_commit", "save_with", "typed_save_errors"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class SaveRequest:
     compression: None | str | Compression = "auto"
     storage_options: Mapping[str, Any] | None = None
     check_replicas: CheckReplicas = "error"
-    knobs: knobs.Knobs = field(default_factory=knobs.get)
+    knobs: knobs_mod.Knobs = field(default_factory=knobs_mod.get)
 
     @classmethod
     def make(
@@ -89,6 +94,7 @@ class SaveRequest:
         compression: None | str | Compression = "auto",
         storage_options: Mapping[str, Any] | None = None,
         check_replicas: CheckReplicas = "error",
+        knobs: knobs_mod.Knobs | None = None,
     ) -> SaveRequest:
         if metadata is not None:
             try:  # stored as JSON: kept as it will read back (tuples as lists)
@@ -100,11 +106,11 @@ class SaveRequest:
         check_storage_options(storage_options)
         return cls(os.fspath(path), bool(overwrite), dict(metadata or {}), compression,
                    dict(storage_options) if storage_options is not None else None,
-                   check_mode(check_replicas), knobs.get())
+                   check_mode(check_replicas), knobs if knobs is not None else knobs_mod.get())
 
-    def writer(self) -> ShardckptWriter:
-        return ShardckptWriter(self.path, overwrite=self.overwrite, metadata=dict(self.metadata),
-                               compression=self.compression, storage_options=self.storage_options)
+    def target(self) -> SaveTarget:
+        return SaveTarget(self.path, overwrite=self.overwrite, metadata=self.metadata,
+                          compression=self.compression, storage_options=self.storage_options, knobs=self.knobs)
 
 
 @contextmanager
@@ -123,7 +129,7 @@ Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
 
 @dataclass
 class PlannedSave:
-    writer: ShardckptWriter
+    target: SaveTarget
     planner: DefaultSavePlanner
     plan: SavePlan  # this rank's final plan
     skeleton: Skeleton | None  # the manifest's structure; coordinator only
@@ -135,37 +141,37 @@ def flatten_stateful(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_save(
-    state_dict: dict[str, Any], writer: ShardckptWriter, group: Group, check_replicas: CheckReplicas = "error"
+    state_dict: dict[str, Any], target: SaveTarget, group: Group, check_replicas: CheckReplicas = "error"
 ) -> PlannedSave:
     planner = DefaultSavePlanner()
     state_dict = flatten_stateful(state_dict)
 
     def local() -> tuple[SavePlan, Summary]:
-        planner.set_up_planner(state_dict, storage_meta=writer.storage_meta(), is_coordinator=group.is_coordinator)
-        writer.set_up_storage_writer(group.is_coordinator)
+        planner.set_up_planner(state_dict, storage_meta=StorageMeta(checkpoint_id=target.path),
+                               is_coordinator=group.is_coordinator)
         # DCP's local planning costs ~0.1 ms a DTensor; the same structure gives the same plan
-        fp = _plan_cache.local_fingerprint(planner.state_dict, planner.mappings)
-        hit = _plan_cache.local_plan(group, fp)
+        fp = plan_cache.local_fingerprint(planner.state_dict, planner.mappings)
+        hit = plan_cache.local_plan(group, fp)
         if hit is not None:
             return hit
-        plan = writer.prepare_local_plan(planner.create_local_plan())
+        plan = planner.create_local_plan()
         out = (plan, summarize(plan))
-        _plan_cache.remember_local(group, fp, out)
+        plan_cache.remember_local(group, fp, out)
         return out
 
-    mine = _attempt(local)  # a failure is reported by the full planning's gather
-    with _abandon_on_failure(writer, group):
-        cached = _plan_cache.lookup(group, None if isinstance(mine, _Failed) else mine[1].digest())
+    mine = attempt(local)  # a failure is reported by the full planning's gather
+    with _abandon_on_failure(target, group):
+        cached = plan_cache.lookup(group, None if isinstance(mine, Failed) else mine[1].digest())
         if cached is None:
-            cached, save_id, probe = _plan_fully(mine, writer, group)
+            cached, save_id, probe = _plan_fully(mine, target, group)
         else:  # same structure on every rank: only the per-save parts (target, id, probe)
             def begin(_: list[None]) -> tuple[str, str | None]:
-                probe = writer.begin(group.world_size)
-                return writer.save_id, probe
+                probe = target.begin(group.world_size)
+                return target.save_id, probe
 
             save_id, probe = group.gather_broadcast("planning the save", lambda: None, begin,
                                                     CheckpointWriteError)
-        writer.adopt(save_id)
+        target.adopt(save_id)
         local_plan, assignment = mine[0], cached.assignment  # type: ignore[index]
         plan = planner.finish_plan(SavePlan(
             [local_plan.items[int(p)] for p in assignment.positions],
@@ -173,7 +179,7 @@ def plan_save(
             planner_data=local_plan.planner_data))
 
         def finish() -> list[int]:
-            writer.check_shared(plan, group.rank)
+            target.check_shared(plan.storage_data, group.rank)
             return fingerprints(planner, local_plan, assignment.replicated)
 
         def compare(crcs: list[list[int]]) -> str | None:
@@ -186,49 +192,50 @@ def plan_save(
             return found.message() if found is not None else None
 
         if check_replicas == "off" or not cached.any_replicated:
-            group.run("planning the save", lambda: writer.check_shared(plan, group.rank), CheckpointWriteError)
+            group.run("planning the save", lambda: target.check_shared(plan.storage_data, group.rank),
+                      CheckpointWriteError)
         else:
             warning = group.gather_broadcast("checking replicas", finish, compare, CheckpointWriteError)
             if warning is not None and group.is_coordinator:
                 warnings.warn(warning, ReplicaDivergenceWarning, stacklevel=3)
-    return PlannedSave(writer, planner, plan, cached.skeleton)
+    return PlannedSave(target, planner, plan, cached.skeleton)
 
 
-def _plan_fully(mine: Any, writer: ShardckptWriter, group: Group) -> tuple[_plan_cache.CachedPlan, str, str | None]:
+def _plan_fully(mine: Any, target: SaveTarget, group: Group) -> tuple[plan_cache.CachedPlan, str, str | None]:
     """Gather every rank's summary, plan globally, scatter the assignments; cache the result."""
     kept: list[Any] = []  # coordinator: the skeleton and the summaries
 
     def local() -> Summary:
-        if isinstance(mine, _Failed):
+        if isinstance(mine, Failed):
             raise mine.exc
         return mine[1]
 
     def coordinate(gathered: list[Summary]) -> list[tuple[Assignment, str, str | None, bool, int]]:
         assignments, skel = plan_globally(gathered)
         kept.extend([skel, tuple(gathered), assignments])
-        probe = writer.begin(len(gathered))
+        probe = target.begin(len(gathered))
         any_rep = any(a.replicated for a in assignments)
-        generation = _plan_cache.new_generation()
-        return [(a, writer.save_id, probe, any_rep, generation) for a in assignments]
+        generation = plan_cache.new_generation()
+        return [(a, target.save_id, probe, any_rep, generation) for a in assignments]
 
     assignment, save_id, probe, any_rep, generation = group.gather_scatter(
         "planning the save", local, coordinate, CheckpointWriteError)
-    cached = _plan_cache.CachedPlan(
+    cached = plan_cache.CachedPlan(
         mine[1].digest(), generation, assignment, any_rep, kept[0] if kept else None,
         kept[1] if kept else None, tuple(a.replicated for a in kept[2]) if kept else None)
-    _plan_cache.remember(group, cached)
+    plan_cache.remember(group, cached)
     return cached, save_id, probe
 
 
 @contextmanager
-def _abandon_on_failure(writer: ShardckptWriter, group: Group) -> Iterator[None]:
+def _abandon_on_failure(target: SaveTarget, group: Group) -> Iterator[None]:
     """A save that fails on any rank leaves nothing behind: the coordinator removes
     its probe and files once every rank has raised the gathered error."""
     try:
         yield
     except BaseException:
         if group.is_coordinator:
-            writer.abandon()
+            target.abandon()
         raise
 
 
@@ -236,12 +243,21 @@ def write_and_commit(planned: PlannedSave, resolve: Resolver, group: Group) -> N
     def commit(written: list[RankWritten]) -> None:
         if planned.skeleton is None:
             raise CheckpointWriteError("commit reached without the global plan")
-        planned.writer.commit_assigned(planned.skeleton, written)
+        planned.target.commit_assigned(planned.skeleton, written)
 
-    with _abandon_on_failure(planned.writer, group):
+    with _abandon_on_failure(planned.target, group):
         group.gather_broadcast(
-            f"saving {planned.writer.path}",
-            lambda: planned.writer.write_assigned(planned.plan, resolve),
+            f"saving {planned.target.path}",
+            lambda: planned.target.write_assigned(planned.plan, resolve),
             commit,
             CheckpointWriteError,
         )
+
+
+def save_with(state_dict: dict[str, Any], request: SaveRequest, process_group: Any = None) -> None:
+    """A synchronous save of ``request`` over ``process_group``, every thread of it
+    under the request's knobs (``shardckpt.save``, the tiers' saves)."""
+    group = Group(process_group, request.knobs)
+    with typed_save_errors(f"save to {request.path}"):
+        planned = plan_save(state_dict, request.target(), group, request.check_replicas)
+        write_and_commit(planned, planned.planner.resolve_data, group)

@@ -12,7 +12,7 @@ Two modes:
   staged, and host memory stays within the budget.
 
 The copy itself: CPU tensors whose elements are one contiguous run of memory
-(any dtype; the common case) are copied as raw bytes by ``_copy_shim`` (the
+(any dtype; the common case) are copied as raw bytes by ``native.copy`` (the
 C++ extension: streaming stores, one GIL release for the whole batch, an
 explicit thread count); in unbounded mode all of them go in one call, so a
 state of many small tensors pays the per-call cost once. Everything else
@@ -29,14 +29,14 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from ..native import copy as _copy_shim
+from ..io.shard_writer import Release, StagedTensor
+from ..native import copy as native_copy
 
 __all__ = ["StagingPool", "StagedTensor", "SlabStream", "copy_threads"]
 
@@ -81,22 +81,6 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """A tensor's elements as a flat uint8 view (a non-contiguous one, or a lazy
     conjugate / negative view, is materialized first; others are not copied)."""
     return t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-
-
-Release = Callable[[], None]
-
-
-@dataclass
-class StagedTensor:
-    """A staged copy of one write item's tensor: its bytes as pieces, in order.
-
-    Each piece comes with a ``release`` callable (or None) that the writer calls
-    once the piece's bytes are written, handing its slab back to the stager.
-    """
-
-    dtype: torch.dtype
-    nbytes: int
-    pieces: Iterator[tuple[memoryview, Release | None]]
 
 
 class StagingPool:
@@ -157,7 +141,7 @@ class StagingPool:
                 dsts.append(dst)
                 srcs.append(src)
             staged[index] = StagedTensor(t.dtype, nbytes, iter([(memoryview(dst), None)]))
-        _copy_shim.copy_many(dsts, srcs, threads=copy_threads())
+        native_copy.copy_many(dsts, srcs, threads=copy_threads())
         self._buffers, self._views = keep, views  # items no longer saved release their buffers
         self._sync()
         return staged
@@ -241,7 +225,7 @@ class SlabStream:
         if host is not None:
             host = host.reshape(-1)  # sliced by byte offset below (a view: contiguous)
             def fill_host(slab: int, start: int, n: int) -> None:
-                _copy_shim.copy(slab_views[slab][:n], host[start : start + n], threads=threads)
+                native_copy.copy(slab_views[slab][:n], host[start : start + n], threads=threads)
 
             return fill_host
         flat = _flat_bytes(t)  # strided or CUDA: one contiguous copy on its device first

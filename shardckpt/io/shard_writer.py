@@ -1,22 +1,47 @@
 """A rank's shard files: blobs appended in chunks, each encoded and checksummed,
-rolled over into several objects on object stores (written by ``ShardckptWriter``)."""
+rolled over into several objects on object stores. The one shard writer: saves
+(``SaveTarget``), converters and the local tier all append through it.
+
+A blob arrives as consecutive pieces (a tensor's bytes, or a ``StagedTensor``'s
+slabs from the async stager, each with a ``release`` to hand the slab back)."""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-from .. import knobs
+import torch
+
 from ..backends import Storage
-from ..engine.staging import Release
 from ..format.codec import Compression, encode
 from ..format.layout import split_chunks
 from ..format.manifest import ChunkInfo
 from ..native.crc32c import crc32c
 
-__all__ = ["ShardWriter", "RollingShard"]
+__all__ = ["ShardWriter", "RollingShard", "StagedTensor", "Release", "staged_pieces"]
+
+Release = Callable[[], None]
+
+
+@dataclass
+class StagedTensor:
+    """A staged copy of one write item's tensor: its bytes as pieces, in order.
+
+    Each piece comes with a ``release`` callable (or None) that the writer calls
+    once the piece's bytes are written, handing its slab back to the stager.
+    """
+
+    dtype: torch.dtype
+    nbytes: int
+    pieces: Iterator[tuple[memoryview, Release | None]]
+
+
+def staged_pieces(value: Any) -> tuple[Iterator[tuple[memoryview, Release | None]], int] | None:
+    """A staged tensor's pieces and size (None for anything else)."""
+    return (value.pieces, value.nbytes) if isinstance(value, StagedTensor) else None
 
 
 def _encode_chunk(data: memoryview, itemsize: int, cfg: Compression, floating: bool) -> tuple[ChunkInfo, Any]:
@@ -100,17 +125,18 @@ class RollingShard:
     """A rank's shard files: ``data/<id>-r<rank>.bin``, then ``...-r<rank>-1.bin`` ...
     whenever the next blob would take the current one past ``limit`` bytes (0:
     never), cut at blob boundaries (a blob lives in one file). A full file is finished (its upload completed) in
-    the background while the next is filled, at most ``knobs.upload_concurrency``
-    at once, so a rank's objects go up in parallel; ``close`` waits for all."""
+    the background while the next is filled, at most ``finishers`` (the save's
+    ``upload_concurrency``) at once, so a rank's objects go up in parallel;
+    ``close`` waits for all."""
 
     def __init__(self, storage: Storage, rel: str, chunk_bytes: int, compression: Compression | None,
-                 limit: int) -> None:
+                 limit: int, finishers: int = 1) -> None:
         self._args = (storage, chunk_bytes, compression)
         self._stem, self._limit, self._count = rel[: -len(".bin")], limit, 0
         self._current: ShardWriter | None = None
         self._closing: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
-        self._finishers = max(1, knobs.get().upload_concurrency)
+        self._finishers = max(1, finishers)
 
     def next_blob(self, nbytes: int) -> ShardWriter:
         """The file the next blob (``nbytes`` before encoding) goes into: a new one if
@@ -132,7 +158,7 @@ class RollingShard:
             self._pool = ThreadPoolExecutor(self._finishers, thread_name_prefix="shardckpt-finish")
         while len(self._closing) >= self._finishers:  # bounded memory: wait for the oldest
             self._closing.popleft().result()
-        self._closing.append(self._pool.submit(knobs.bind(shard.close)))
+        self._closing.append(self._pool.submit(shard.close))
 
     def close(self) -> None:
         try:

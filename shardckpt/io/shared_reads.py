@@ -57,7 +57,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from .. import knobs
 from ..collectives import Group
 from ..errors import CheckpointReadError
 from ..format.layout import dtype_from_name, numel, split_box
@@ -378,8 +377,8 @@ def read_shared(
             j = by_key.get(t.key)
             if t.owner == group.rank and j is not None:
                 for pi, pc in enumerate(t.pieces):
-                    owned[(ti, pi)] = pool.submit(knobs.bind(lambda j=j, pc=pc: read_piece(j, pc)))
-        rest = [pool.submit(knobs.bind(lambda j=j, pc=pc: read_piece(j, pc)))
+                    owned[(ti, pi)] = pool.submit(read_piece, j, pc)
+        rest = [pool.submit(read_piece, j, pc)
                 for j in local for pc in local_pieces(j)]
         _transfer(shared, group, by_key, owned, failures)
         for f in rest:

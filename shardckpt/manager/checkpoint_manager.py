@@ -55,12 +55,13 @@ from typing import Any, Literal, TypeVar
 
 import torch.distributed as dist
 
-from .. import knobs
+from .. import knobs as knobs_mod
 from ..api import load, save
 from ..backends import open_storage
 from ..collectives import Group
 from ..engine.async_save import AsyncCheckpointer, AsyncSaveHandle
 from ..engine.replicas import CheckReplicas, check_mode
+from ..engine.save import SaveRequest, save_with
 from ..errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
@@ -292,10 +293,13 @@ class CheckpointManager(PreemptionMixin):
         self._retain()
 
     def _persist(self, step: int, tree: dict[str, Any], metadata: dict[str, Any],
-                 pg: dist.ProcessGroup | None) -> None:
-        """Tiers' durable save (its own thread and gloo group), then retention of ``root``."""
-        save({"state": tree}, self._step_path(step), overwrite=True, metadata=metadata, process_group=pg,
-             storage_options=self.storage_options, check_replicas=self.check_replicas)
+                 pg: dist.ProcessGroup | None, knobs: knobs_mod.Knobs) -> None:
+        """Tiers' durable save (its own thread and gloo group, the caller's ``knobs``),
+        then retention of ``root``."""
+        request = SaveRequest.make(self._step_path(step), overwrite=True, metadata=metadata,
+                                   storage_options=self.storage_options, check_replicas=self.check_replicas,
+                                   knobs=knobs)
+        save_with({"state": tree}, request, pg)
         self._retain()
 
     # ----------------------------------------------------------------- retention
@@ -489,7 +493,7 @@ def _control_group(pg: dist.ProcessGroup | None) -> Group:
     # Decisions are tiny CPU tensors/objects: a gloo group works whatever the
     # training backend. Collective over the default group, like the constructor.
     ranks = dist.get_process_group_ranks(pg) if pg is not None else None
-    timeout = timedelta(seconds=knobs.get().collective_timeout_s)
+    timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
     return Group(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout))
 
 

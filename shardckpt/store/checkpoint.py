@@ -44,6 +44,7 @@ from ..errors import (
     IncompleteCheckpointError,
 )
 from ..format.manifest import DATA_DIR, MANIFEST_NAME, Manifest, decode_manifest, encode_manifest
+from ..knobs import Knobs
 from .commit import commit_strategy
 
 __all__ = ["CheckpointDir", "PROBE_SUFFIX", "SHARED_STORAGE_HINT"]
@@ -62,8 +63,9 @@ class CheckpointDir:
         self.storage = storage
 
     @classmethod
-    def at(cls, url: Any, storage_options: Mapping[str, Any] | None = None) -> CheckpointDir:
-        return cls(open_storage(url, storage_options))
+    def at(cls, url: Any, storage_options: Mapping[str, Any] | None = None, knobs: Knobs | None = None,
+           ) -> CheckpointDir:
+        return cls(open_storage(url, storage_options, knobs=knobs))
 
     @property
     def url(self) -> str:

@@ -9,7 +9,6 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .. import knobs
 from ..errors import CheckpointReadError, CorruptCheckpointError
 from ..format.chunks import check_chunk, check_decodes_bounded
 from ..format.manifest import BlobRef, Manifest, ObjectEntry, TensorEntry
@@ -102,8 +101,8 @@ def verify_dir(ckpt: CheckpointDir, share: tuple[int, int] = (0, 1)) -> VerifyRe
         raise ValueError(f"share must be (i, n) with 0 <= i < n, got {share!r}")
     jobs = [j for j in _blobs(manifest, broken) if j[1].file in good_files][index::count]
     chunks = nbytes = 0
-    with ThreadPoolExecutor(max_workers=knobs.get().io_threads) as pool:
-        for n, b, errs in [f.result() for f in [pool.submit(knobs.bind(lambda j=j: check(j))) for j in jobs]]:
+    with ThreadPoolExecutor(max_workers=storage.knobs.io_threads) as pool:
+        for n, b, errs in [f.result() for f in [pool.submit(check, j) for j in jobs]]:
             chunks, nbytes = chunks + n, nbytes + b
             damaged += errs
     if damaged:

@@ -39,10 +39,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ... import knobs
-from ...api import load, save
+from ... import knobs as knobs_mod
+from ...api import load
 from ...backends import open_storage
 from ...collectives import Group
+from ...engine.save import SaveRequest, save_with
 from ...errors import (
     CheckpointReadError,
     CheckpointWriteError,
@@ -106,7 +107,7 @@ class LocalTier:
             # The background save's collectives get a gloo group of their own (never the
             # training group, never the manager's); single-process saves and loads of this
             # rank's own view a group of one (only this rank takes part in creating it).
-            timeout = timedelta(seconds=knobs.get().collective_timeout_s)
+            timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
             ranks = dist.get_process_group_ranks(ctl.group) if ctl.group is not None else None
             self._bg = Group(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout))
             self._single = dist.new_group([dist.get_rank()], backend="gloo", timeout=timeout,
@@ -123,8 +124,9 @@ class LocalTier:
 
     # ----------------------------------------------------------------- saving
 
-    def save(self, step: int, view: LocalView, metadata: Mapping[str, Any]) -> None:
-        """[all] The background part of a local save (module docstring, steps 1-4)."""
+    def save(self, step: int, view: LocalView, metadata: Mapping[str, Any], knobs: knobs_mod.Knobs) -> None:
+        """[all] The background part of a local save (module docstring, steps 1-4),
+        under the caller's ``knobs`` snapshot."""
         g, me, where = self._bg, self.rank, f"step {step} to the local tier {self.url}"
         step_s = self.step_storage(step)
         g.run(f"preparing {where}", lambda: self._uncommit(step) if self.is_leader else None, CheckpointWriteError)
@@ -132,8 +134,8 @@ class LocalTier:
 
         def write_own() -> tuple[str, int]:
             meta = {**metadata, "tier": "local", "rank": me, "world_size": self.world_size, "layout": view.layout}
-            save({"state": view.tree}, own.url, overwrite=True, metadata=meta, compression=None,
-                 process_group=self._single)
+            save_with({"state": view.tree}, SaveRequest.make(own.url, overwrite=True, metadata=meta,
+                                                             compression=None, knobs=knobs), self._single)
             return layout_digest(view.layout), crc32c(own.storage.read_bytes(MANIFEST_NAME))
 
         agreed = g.all_gather(f"saving {where}", write_own, CheckpointWriteError)

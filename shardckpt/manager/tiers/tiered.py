@@ -36,7 +36,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ... import knobs
+from ... import knobs as knobs_mod
 from ...collectives import Group
 from ...engine.staging import StagingPool
 from ...errors import CheckpointReadError, CheckpointWriteError, IncompleteCheckpointError
@@ -51,7 +51,8 @@ __all__ = ["Tiers", "check_tier_args"]
 log = logging.getLogger("shardckpt.manager")
 
 #: ``persist(step, state_dict, metadata, process_group)``: the durable save (collective).
-Persist = Callable[[int, dict[str, Any], dict[str, Any], "dist.ProcessGroup | None"], None]
+#: ``persist(step, tree, metadata, process_group, knobs)``: the durable save
+Persist = Callable[[int, dict[str, Any], dict[str, Any], "dist.ProcessGroup | None", knobs_mod.Knobs], None]
 
 
 class _Pool:
@@ -74,7 +75,7 @@ class Tiers:
         self._persist_pg: dist.ProcessGroup | None = None
         if ctl.enabled:
             ranks = dist.get_process_group_ranks(ctl.group) if ctl.group is not None else None
-            timeout = timedelta(seconds=knobs.get().collective_timeout_s)
+            timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
             self._persist_pg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
         self._local_exec = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-local")
         self._persist_exec = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-persist")
@@ -98,19 +99,17 @@ class Tiers:
         self.last_stall_s = time.perf_counter() - t0
         pool.holders = 2 if persist else 1
         # Snapshot the knobs now: the background parts run under the caller's settings.
-        snap = knobs.get()
+        snap = knobs_mod.get()
 
         def run_local() -> None:
-            with knobs.use(snap):
-                self.local.save(step, staged, metadata)
+            self.local.save(step, staged, metadata, snap)
 
         self._local = self._submit(self._local_exec, run_local, pool)
         if persist:
             tree = staged.rebuilt()
 
             def run_persist() -> None:
-                with knobs.use(snap):
-                    self._persist_fn(step, tree, metadata, self._persist_pg)
+                self._persist_fn(step, tree, metadata, self._persist_pg, snap)
 
             self._persist = self._submit(self._persist_exec, run_persist, pool)
         if sync:
