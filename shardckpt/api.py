@@ -9,17 +9,14 @@ else the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...)
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 from . import knobs
 from .backends import open_storage
-from .collectives import Group, raise_gathered
+from .collectives import Group
 from .engine import async_save as _async
 from .engine.async_save import AsyncSaveHandle, Busy
 from .engine.load import load_state_dict
@@ -33,25 +30,6 @@ __all__ = ["save", "async_save", "close", "load", "verify", "VerifyReport"]
 
 PathLike = str | os.PathLike[str]
 StorageOptions = Mapping[str, Any] | None
-
-
-def _reraise(e: CheckpointException, step: str, default: type[ShardckptError], group: Group) -> None:
-    failures = {r: f[0] if isinstance(f, tuple) else f for r, f in e.failures.items()}
-    if group.world_size == 1 and len(failures) == 1:
-        (exc,) = failures.values()
-        if isinstance(exc, ShardckptError):
-            raise exc.with_traceback(exc.__traceback__) from None
-        raise default(f"{step} failed: {type(exc).__name__}: {exc}") from exc
-    raise_gathered(step, failures, default)
-
-
-@contextmanager
-def _dcp_quiet(group: Group) -> Iterator[None]:
-    # DCP warns on every single-process call that it assumes a single process; we know.
-    with warnings.catch_warnings():
-        if not group.enabled:
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        yield
 
 
 def save(

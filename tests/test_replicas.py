@@ -15,38 +15,50 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 import shardckpt
-from shardckpt.engine.replicas import divergence, replicated_positions
+from shardckpt.engine.planning import plan_globally, summarize
+from shardckpt.engine.replicas import divergence_of, replica_key
 from shardckpt.errors import CheckpointWriteError, ShardckptError
 from tests.figures import record
 from tests.multiproc import run_multiprocess
 
 
-def _item(fqn: str, offset: tuple[int, ...] | None = None) -> WriteItem:
+def _item(fqn: str, offset: tuple[int, ...] | None = None, numel: int = 4) -> WriteItem:
     if offset is None:
         return WriteItem(MetadataIndex(fqn), WriteItemType.BYTE_IO)
     size = torch.Size([2])
     chunk = ChunkStorageMetadata(torch.Size(offset), size)
-    data = TensorWriteData(chunk, TensorProperties(dtype=torch.float32), torch.Size([4]))
-    return WriteItem(MetadataIndex(fqn, offset), WriteItemType.SHARD, data)
+    data = TensorWriteData(chunk, TensorProperties(dtype=torch.float32), torch.Size([numel]))
+    return WriteItem(MetadataIndex(fqn, offset), WriteItemType.SHARD, tensor_data=data)
 
 
-def test_positions_are_the_items_more_than_one_rank_holds():
-    plans = [
-        SavePlan([_item("w", (0,)), _item("step"), _item("only0")]),
-        SavePlan([_item("w", (2,)), _item("step"), _item("w", (0,))]),
+def _replicated(plans: list[SavePlan]) -> tuple[list[list[int]], list[list[tuple]]]:
+    """What save planning marks for the replica check: per rank the positions of its
+    items another rank holds too, and their cross-rank names."""
+    summaries = [summarize(p) for p in plans]
+    assignments, _ = plan_globally(summaries)
+    positions = [sorted(a.replicated) for a in assignments]
+    return positions, [[replica_key(s, i) for i in pos] for s, pos in zip(summaries, positions)]
+
+
+def test_planning_marks_the_items_more_than_one_rank_holds():
+    plans = [  # "a" (whole) and "step" on both ranks; "w" sharded; "only0" on rank 0 alone
+        SavePlan([_item("a", (0,), numel=2), _item("step"), _item("w", (0,)), _item("only0")]),
+        SavePlan([_item("w", (2,)), _item("step"), _item("a", (0,), numel=2)]),
     ]
-    assert replicated_positions(plans) == [[0, 1], [1, 2]]
+    positions, held = _replicated(plans)
+    assert positions == [[0, 1], [1, 2]]
+    assert held == [[("a", (0,)), ("step", None)], [("step", None), ("a", (0,))]]
 
 
 def test_divergence_names_keys_and_groups_ranks_by_copy():
     plans = [SavePlan([_item("a"), _item("b")]) for _ in range(3)]
-    pos = replicated_positions(plans)
-    assert divergence(plans, pos, [[1, 7], [1, 7], [1, 7]]) is None
-    found = divergence(plans, pos, [[1, 7], [2, 7], [1, 7]])
+    _, held = _replicated(plans)
+    assert divergence_of(held, [[1, 7], [1, 7], [1, 7]]) is None
+    found = divergence_of(held, [[1, 7], [2, 7], [1, 7]])
     assert found is not None and found.keys == {"a": [[0, 2], [1]]}
     assert "'a': ranks [0, 2] vs ranks [1]" in found.message()
     with pytest.raises(ValueError, match="rank 1 sent 1 replica checksums for 2 items"):
-        divergence(plans, pos, [[1, 7], [1], [1, 7]])
+        divergence_of(held, [[1, 7], [1], [1, 7]])
 
 
 def test_check_replicas_value_is_checked(tmp_path):

@@ -29,7 +29,7 @@ from ..format.layout import tensor_bytes
 from ..format.objects import resolve_object
 from ..native.crc32c import crc32c
 
-__all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "replicated_positions", "fingerprints", "divergence", "divergence_of", "replica_key"]
+__all__ = ["CheckReplicas", "ReplicaDivergenceWarning", "Divergence", "check_mode", "fingerprints", "divergence_of", "replica_key"]
 
 CheckReplicas = Literal["error", "warn", "off"]
 _MODES = ("error", "warn", "off")
@@ -44,21 +44,6 @@ def check_mode(value: Any) -> CheckReplicas:
     if value not in _MODES:
         raise ValueError(f"check_replicas must be one of {_MODES}, not {value!r}")
     return value  # type: ignore[no-any-return]
-
-
-def _key(item: Any) -> tuple[str, tuple[int, ...] | None]:
-    off = item.index.offset
-    return item.index.fqn, tuple(off) if off is not None else None
-
-
-def replicated_positions(plans: Sequence[SavePlan]) -> list[list[int]]:
-    """Per rank, the positions in its local plan of items another rank also holds."""
-    holders: dict[tuple[str, tuple[int, ...] | None], int] = {}
-    for plan in plans:
-        for item in plan.items:
-            k = _key(item)
-            holders[k] = holders.get(k, 0) + 1
-    return [[i for i, item in enumerate(plan.items) if holders[_key(item)] > 1] for plan in plans]
 
 
 def fingerprints(planner: SavePlanner, plan: SavePlan, positions: Sequence[int]) -> list[int]:
@@ -94,15 +79,9 @@ class Divergence:
         )
 
 
-def divergence(
-    plans: Sequence[SavePlan], positions: Sequence[Sequence[int]], crcs: Sequence[Sequence[int]]
-) -> Divergence | None:
-    """Coordinator: compare every rank's fingerprints of each replicated item."""
-    return divergence_of([[_key(plan.items[i]) for i in pos] for plan, pos in zip(plans, positions)], crcs)
-
-
 def replica_key(summary: Any, position: int) -> tuple[str, tuple[int, ...] | None]:
-    """``_key`` of item ``position`` of a ``_plan.Summary``."""
+    """The (key, offsets) naming item ``position`` of a ``planning.Summary`` across ranks
+    (offsets None for objects)."""
     kind, _, shape, _ = summary.specs[position]
     if kind == "o":
         return summary.keys[position], None

@@ -48,17 +48,17 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+import signal
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 import torch.distributed as dist
 
 from .. import knobs as knobs_mod
-from ..api import load, save
+from ..api import save
 from ..backends import open_storage
-from ..collectives import Group
 from ..engine.async_save import AsyncCheckpointer, AsyncSaveHandle
 from ..engine.replicas import CheckReplicas, check_mode
 from ..engine.save import SaveRequest, save_with
@@ -73,14 +73,12 @@ from ..store import (
     UNUSABLE,
     CheckpointDir,
     CheckpointRoot,
-    parse_step,
     status_of,
     step_dirname,
-    verify_dir,
 )
 from ..store.retention import CheckpointInfo, RetentionPolicy, build_policies, metric_values
-from .preemption import PreemptionFlag
-from .preemption_mixin import PreemptionMixin
+from .loading import RootReads, check_step, control_group
+from .preemption import Preemption
 from .tiers import LocalTier, Tiers, check_tier_args, merge_tiers
 
 __all__ = ["CheckpointManager", "OWNER_MARKER", "step_dirname"]
@@ -96,7 +94,7 @@ class _InFlight:
     retained: bool = False  # retention already ran for it (rank 0)
 
 
-class CheckpointManager(PreemptionMixin):
+class CheckpointManager:
     """Saves a run's state into step directories under ``root`` (a path or fsspec URL).
 
     Retention (applied by rank 0 after each save commits): ``keep_last=K``,
@@ -170,7 +168,9 @@ class CheckpointManager(PreemptionMixin):
         #: The root as a path (local) or URL.
         self.root: str = self._root.url
         self._pg = process_group
-        self._ctl = _control_group(process_group)
+        self._ctl = control_group(process_group)
+        self._reads = RootReads(self._ctl, process_group, self.storage_options)
+        self._preemption = Preemption(self._ctl)
         self._owner = self._root.owner(take_over=take_over_lock)
         self.read_only = bool(read_only)
         self._tiers: Tiers | None = None
@@ -179,17 +179,63 @@ class CheckpointManager(PreemptionMixin):
                                 self._persist)
         self._closed = True  # until the root is ours: close() must not release someone else's marker
         if not self.read_only:  # a reader (evaluation, a read-only mount) takes no ownership
-            self._on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
+            self._reads.on_rank0(f"taking ownership of {self.root}", self._owner.acquire)
         self._closed = False
         self._tiers_async = async_save
         self._async = AsyncCheckpointer(process_group) if async_save and self._tiers is None else None
         self._in_flight: _InFlight | None = None
-        self._preempt: PreemptionFlag | None = None
-        self._exit_code: int | None = None
         self._decided: tuple[int, int] | None = None  # (step, agreed signal) from should_save
         # Steps restore found damaged beyond what a cheap scan sees (a flipped bit):
         # retention must not keep them as "newest valid" over good ones.
         self._known_bad: dict[int, str] = {}
+
+    # --------------------------------------------------------------- preemption
+
+    def install_signal_handlers(
+        self,
+        signals: Sequence[int] = (signal.SIGTERM,),
+        exit_code: int | None = None,
+    ) -> None:
+        """On ``signals``, save at the next ``should_save``/``save`` boundary and exit.
+
+        The handler only records the signal. At the next ``should_save`` (reduced
+        over ranks: one rank getting the signal is enough) it returns True, and
+        ``save`` then saves synchronously on every rank (after finishing an
+        in-flight async save), closes the manager and calls ``sys.exit`` with
+        ``exit_code``: by default 128 + the signal number (143 for SIGTERM), what
+        a shell reports for a process the signal killed. Call it on every rank
+        (it makes ``should_save`` a collective), from the main thread.
+
+        torchrun's elastic agent marks a worker whose exit code is not 0 as FAILED
+        (``torch/distributed/elastic/multiprocessing/api.py``) and, while
+        ``--max-restarts`` allows, restarts the whole worker group
+        (``agent/server/api.py``), which resumes with ``restore``. Exit code 0
+        would read as success and end the job, so it is refused::
+
+            torchrun --nproc-per-node=8 --max-restarts=3 train.py
+
+        If the agent itself gets SIGTERM (the node is preempted) it forwards it to
+        the workers, waits ``--shutdown-timeout`` (30 s) before SIGKILL and does not
+        restart: the save must fit in that grace period, and the scheduler's
+        requeue resumes from the checkpoint.
+        """
+        self._check_open()
+        self._preemption.install(signals, exit_code)
+
+    @property
+    def preemption_pending(self) -> bool:
+        """Whether this rank received one of the installed signals (not reduced over ranks)."""
+        return self._preemption.pending
+
+    def _exit_preempted(self, signum: int, step: int) -> None:
+        code = self._preemption.exit_code(signum)
+        self.close()
+        # Nobody exits before rank 0 finished retention and released the marker:
+        # the first exit makes the launcher SIGTERM (then SIGKILL) the others.
+        self._ctl.barrier("waiting for every rank before the preemption exit")
+        self._info("preemption (%s): saved step %d, exiting with code %d for a restart",
+                   signal.Signals(signum).name, step, code)
+        sys.exit(code)
 
     # ------------------------------------------------------------------ saving
 
@@ -198,9 +244,9 @@ class CheckpointManager(PreemptionMixin):
         with a local tier, of ``persist_interval_steps``), or a preemption signal is pending on any rank. Collective once signal handlers
         are installed: call it on every rank at every step."""
         self._check_open()
-        _check_step(step)
+        check_step(step)
         self._poll_async()
-        signum = self._agree_preemption()
+        signum = self._preemption.agree()
         self._decided = (step, signum)
         return bool(signum) or step % self.save_interval_steps == 0 or self._persist_due(step)
 
@@ -227,14 +273,14 @@ class CheckpointManager(PreemptionMixin):
         closes the manager and exits the process (``install_signal_handlers``).
         """
         self._check_open()
-        _check_step(step)
+        check_step(step)
         if self.read_only:
             raise CheckpointWriteError(f"this CheckpointManager of {self.root} is read_only: it restores "
                                        "and lists, never saves", path=self.root)
         if self._decided is not None and self._decided[0] == step:
             signum = self._decided[1]
         else:
-            signum = self._agree_preemption()
+            signum = self._preemption.agree()
         self._decided = None
         if not (force or signum or step % self.save_interval_steps == 0 or self._persist_due(step)):
             self._poll_async()
@@ -242,7 +288,7 @@ class CheckpointManager(PreemptionMixin):
         metadata: dict[str, Any] = {"step": step, "metrics": metric_values(metrics)}
         if hasattr(state, "step"):
             state.step = step
-        self._on_rank0("checking the owner marker", self._owner.check)
+        self._reads.on_rank0("checking the owner marker", self._owner.check)
         self._known_bad.pop(step, None)
         path = self._step_path(step)
         if self._tiers is not None:  # it waits for the previous local save, not a durable one
@@ -339,15 +385,15 @@ class CheckpointManager(PreemptionMixin):
             raise ValueError("pass step or path, not both")
         self.wait()  # never read a step our own background save is writing
         if step is not None or path is not None:
-            target = os.fspath(path) if path is not None else self._step_path(_check_step(step))
-            saved_step = self._on_rank0(f"checking {target}", lambda: self._check_explicit(target))
+            target = os.fspath(path) if path is not None else self._step_path(check_step(step))
+            saved_step = self._reads.on_rank0(f"checking {target}", lambda: self._reads.saved_step(target))
             if self.verify_on_restore == "before":
-                problem = self._verify_together(CheckpointDir.at(target, self.storage_options))
+                problem = self._reads.verify(CheckpointDir.at(target, self.storage_options))
                 if problem is not None:
                     cls = CorruptCheckpointError if problem[0] == "corrupt" else IncompleteCheckpointError
                     raise cls(f"{target} is {problem[0]}: {problem[1]}", path=target)
-            return self._load(state, target, step if step is not None else saved_step)
-        infos = self._on_rank0(f"listing {self.root}", lambda: self._scan(deep=False))
+            return self._reads.load(state, target, step if step is not None else saved_step)
+        infos = self._reads.on_rank0(f"listing {self.root}", lambda: self._scan(deep=False))
         if self._tiers is not None:
             got = self._tiers.restore(state, infos, self.root)
             if got is not None:
@@ -364,10 +410,10 @@ class CheckpointManager(PreemptionMixin):
             if info.status != "valid":
                 problem = (info.status, info.reason or "")
             elif self.verify_on_restore == "before":
-                problem = self._verify_together(self._root.checkpoint(info.step))
+                problem = self._reads.verify(self._root.checkpoint(info.step))
             if problem is None:
                 try:
-                    return self._load(state, info.path, info.step)
+                    return self._reads.load(state, info.path, info.step)
                 except UNUSABLE as e:
                     problem = (status_of(e), str(e))
             corrupt = corrupt or problem[0] == "corrupt"
@@ -384,41 +430,6 @@ class CheckpointManager(PreemptionMixin):
         raise cls(f"{self.root} holds {len(infos)} checkpoint(s) but none is usable "
                   f"(refusing to start fresh): {detail}", path=self.root, reasons=reasons)
 
-    def _verify_together(self, ckpt: CheckpointDir) -> tuple[str, str] | None:
-        """Collective: every rank checks a 1/N share of the chunks (not rank 0 all of
-        them); the first problem any rank found, the same on every rank."""
-        g = self._ctl
-
-        def mine() -> tuple[str, str] | None:
-            try:
-                verify_dir(ckpt, share=(g.rank, g.world_size))
-            except UNUSABLE as e:
-                return status_of(e), str(e)
-            return None
-
-        return g.gather_broadcast(f"verifying {ckpt.url}", mine,
-                                  lambda found: next((f for f in found if f is not None), None), ShardckptError)
-
-    def _load(self, state: Any, path: str, step: int | None) -> int | None:
-        # load bounds and types its collectives itself (a lost or stuck peer)
-        # Stateful objects as DCP treats them: load into their state_dict, then hand it back
-        stateful = callable(getattr(state, "state_dict", None)) and callable(getattr(state, "load_state_dict", None))
-        sd = state.state_dict() if stateful else state
-        load({"state": sd}, path, process_group=self._pg, storage_options=self.storage_options)
-        if stateful:
-            state.load_state_dict(sd)
-        if step is not None and hasattr(state, "step"):
-            state.step = step
-        self._info("restored step %s from %s", step, path)
-        return step
-
-    def _check_explicit(self, path: str) -> int | None:
-        manifest = CheckpointDir.at(path, self.storage_options).read_checked()
-        s = manifest.metadata.get("step")
-        if isinstance(s, int) and not isinstance(s, bool):
-            return s
-        return parse_step(os.path.basename(path.rstrip("/")))
-
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
@@ -434,8 +445,7 @@ class CheckpointManager(PreemptionMixin):
                 self._tiers.close()
             if self._async is not None:
                 self._async.close()
-            if self._preempt is not None:
-                self._preempt.uninstall()
+            self._preemption.uninstall()
             if self._ctl.is_coordinator and not self.read_only:
                 self._owner.release()
 
@@ -453,12 +463,6 @@ class CheckpointManager(PreemptionMixin):
 
     def _step_path(self, step: int) -> str:
         return self._root.step_url(step)
-
-    def _on_rank0(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
-        g = self._ctl
-        return g.gather_broadcast(what, lambda: fn() if g.is_coordinator else None,  # type: ignore[return-value]
-                            lambda values: values[0], ShardckptError)
 
     def _info(self, msg: str, *args: Any) -> None:
         if self._ctl.is_coordinator:
@@ -480,24 +484,3 @@ class CheckpointManager(PreemptionMixin):
         """
         out = self._scan(deep)
         return out if self._tiers is None else merge_tiers(out, self._tiers.local.infos())
-
-
-# ------------------------------------------------------------------------ helpers
-
-
-def _control_group(pg: dist.ProcessGroup | None) -> Group:
-    if not (dist.is_available() and dist.is_initialized()):
-        return Group(None)
-    if dist.get_backend(pg) == "gloo":
-        return Group(pg)
-    # Decisions are tiny CPU tensors/objects: a gloo group works whatever the
-    # training backend. Collective over the default group, like the constructor.
-    ranks = dist.get_process_group_ranks(pg) if pg is not None else None
-    timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
-    return Group(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout))
-
-
-def _check_step(step: Any) -> int:
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    return step

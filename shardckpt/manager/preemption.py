@@ -1,27 +1,20 @@
-"""Surviving process deaths: preemption signals and the root's owner marker.
-
-Both answer "what happens when a training process dies or is told to":
-``PreemptionFlag`` turns a signal into a save at the next step boundary, and
-``OwnerMarker`` keeps two live managers off one root while letting a restarted
-run take over from its own dead predecessor.
-
-Signals
--------
+"""Preemption: a signal turns into a save at the next step boundary, then an exit
+torchrun restarts from.
 
 Python runs signal handlers in the main thread between bytecodes, at any
 point of the training loop: inside a collective's Python wrapper, halfway
 through an optimizer step, while a logging lock is held. Saving a checkpoint
-there would be unsafe, so the handler only stores the signal number; the
-``CheckpointManager`` acts on it at the next step boundary (``should_save`` /
-``save``), where every rank can agree on it and the state is consistent.
+there would be unsafe, so the handler (``PreemptionFlag``) only stores the
+signal number; ``Preemption`` (composed into ``CheckpointManager``) reduces it
+over ranks at the next step boundary (``should_save`` / ``save``), where every
+rank can agree on it and the state is consistent.
 
 Only the first signal is remembered; later ones (a scheduler often signals the
 whole process group, and torchrun forwards its own SIGTERM too) change nothing,
 so a second SIGTERM cannot abort the save in progress. The backstop for a
 worker that never reaches a boundary is the sender's SIGKILL after its grace
-period.
-
-The root's owner marker lives in ``shardckpt.store.owner``.
+period. ``run_and_exit`` runs a training ``main`` so that the exit code of a
+preempted run reaches torchrun even if interpreter teardown would abort.
 """
 
 from __future__ import annotations
@@ -33,11 +26,14 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-__all__ = ["PreemptionFlag", "exit_code_for", "run_and_exit"]
+from ..collectives import Group
+from ..errors import ShardckptError
+
+__all__ = ["Preemption", "PreemptionFlag", "exit_code_for", "run_and_exit"]
 
 log = logging.getLogger("shardckpt.manager")
 
@@ -115,3 +111,39 @@ def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+class Preemption:
+    """A manager's preemption state, composed into it: the installed flag, the exit
+    code to use, and the agreement over the manager's control group."""
+
+    def __init__(self, ctl: Group) -> None:
+        self._ctl = ctl
+        self._flag: PreemptionFlag | None = None
+        self._exit_code: int | None = None
+
+    def install(self, signals: Sequence[int], exit_code: int | None) -> None:
+        if exit_code is not None and (not isinstance(exit_code, int) or not 1 <= exit_code <= 255):
+            raise ValueError(f"exit_code must be in 1..255 (0 means success to torchrun: no restart), got {exit_code!r}")
+        self.uninstall()
+        self._flag = PreemptionFlag(signals)
+        self._exit_code = exit_code
+
+    @property
+    def pending(self) -> bool:
+        """Whether this rank received one of the installed signals (not reduced over ranks)."""
+        return self._flag is not None and self._flag.pending
+
+    def agree(self) -> int:
+        """The signal any rank received (0 if none), the same value on every rank."""
+        if self._flag is None:
+            return 0
+        return self._ctl.max_over_ranks("agreeing on a preemption", self._flag.received or 0, ShardckptError)
+
+    def exit_code(self, signum: int) -> int:
+        return self._exit_code if self._exit_code is not None else exit_code_for(signum)
+
+    def uninstall(self) -> None:
+        if self._flag is not None:
+            self._flag.uninstall()
+            self._flag = None

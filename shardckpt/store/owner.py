@@ -76,7 +76,7 @@ class OwnerMarker:
                 current = {"unreadable": str(e)}
             if not isinstance(current, dict):
                 current = {"unreadable": "not a JSON object"}
-            stale = self._stale_reason(current)
+            stale = self.stale_reason(current)
             if stale is None:
                 raise CheckpointExistsError(
                     f"{url} is in use by another CheckpointManager ({_describe(current)}); two managers "
@@ -112,7 +112,9 @@ class OwnerMarker:
         self._storage.put(OWNER_MARKER, data)
         return self._read_token() == self.token
 
-    def _stale_reason(self, owner: Mapping[str, Any]) -> str | None:
+    def stale_reason(self, owner: Mapping[str, Any]) -> str | None:
+        """Why the marker's ``owner`` no longer holds the root (None: it may): its
+        process on this host is gone, or it belongs to an earlier torchelastic run."""
         pid = owner.get("pid")
         if owner.get("hostname") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
             return f"its process {pid} on this host is gone"

@@ -296,7 +296,7 @@ def _owner_of(storage: Storage) -> dict[str, Any] | None:
         current = {"unreadable": "not a JSON object"}
     # The manager's own liveness rules (pid on this host, torchrun restarts); an
     # unreadable marker counts as live: fail closed.
-    stale = OwnerMarker(storage)._stale_reason(current)
+    stale = OwnerMarker(storage).stale_reason(current)
     return {"hostname": current.get("hostname"), "pid": current.get("pid"),
             "created_unix": current.get("created_unix"), "run_id": current.get("run_id"),
             "unreadable": current.get("unreadable"), "live": stale is None, "stale_reason": stale}
