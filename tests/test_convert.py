@@ -641,13 +641,28 @@ def test_progress_plain_lines_when_not_a_terminal(saved2, tmp_path, capsys):
 
 
 def test_cli(saved2, tmp_path, capsys):
-    from shardckpt.cli.convert import main
+    from shardckpt.cli import main
 
-    assert main([str(saved2[0]), str(tmp_path / "m.safetensors"), "--only", "model", "--dtype", "fp16"]) == 0
+    assert main(["convert", str(saved2[0]), str(tmp_path / "m.safetensors"), "--only", "model", "--dtype", "fp16",
+                 "--quiet"]) == 0
     assert "(shardckpt) ->" in capsys.readouterr().out
     assert load_file(str(tmp_path / "m.safetensors"))["embed.weight"].dtype == torch.float16
-    assert main([str(saved2[0]), str(tmp_path / "m.safetensors")]) == 1
+    assert main(["convert", str(saved2[0]), str(tmp_path / "m.safetensors")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_python_m_converters_is_the_same_command(saved2, tmp_path):
+    """``python -m shardckpt.converters`` runs ``shardckpt convert``: same options
+    (--compression, --quiet, binary and decimal sizes), same report."""
+    out = subprocess.run([sys.executable, "-m", "shardckpt.converters", str(saved2[0]), str(tmp_path / "hf"),
+                          "--only", "model", "--max-shard-size", "1MiB", "--quiet", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["dst_format"] == "hf-safetensors" and out.stderr == ""
+    bad = subprocess.run([sys.executable, "-m", "shardckpt.converters", str(saved2[0]), str(tmp_path / "x"),
+                          "--compression", "lz4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--compression" in bad.stderr
 
 
 # ---------------------------------------------------------------- bounded memory

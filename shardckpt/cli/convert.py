@@ -1,37 +1,22 @@
-"""``python -m shardckpt.converters SRC DST [options]``: the command line of ``convert``.
+"""The ``convert`` verb: ``shardckpt convert SRC DST ...`` (also started as
+``python -m shardckpt.converters``), a thin layer over ``shardckpt.convert``.
 
-``add_arguments`` / ``run`` let a top-level ``shardckpt`` CLI mount this as its
-``convert`` subcommand. Exit status: 0 done, 1 a shardckpt error (the message
-names the file or key), 2 bad arguments.
+Sizes take decimal and binary units alike (``5GB`` is 10^9 bytes, ``500MiB``
+2^20 each); progress (bytes written) goes to stderr unless ``--quiet``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any, TextIO
 
-from ..converters.api import TARGETS, ConvertReport, convert
-from ..errors import ShardckptError
+from ..converters import TARGETS, ConvertReport, convert
+from ..converters.plan import parse_size
 
-__all__ = ["add_arguments", "run", "main", "format_report", "DESCRIPTION"]
-
-DESCRIPTION = ("Convert a checkpoint between shardckpt, torch.distributed.checkpoint, torch.save, "
-               "safetensors and Hugging Face layouts, streaming, without running code from the source.")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="shardckpt or DCP checkpoint, .pt/.pth/.bin, .safetensors, or a Hugging Face directory")
-    p.add_argument("dst", help="*.safetensors, *.pt/*.pth, or a directory (shardckpt; HF with --max-shard-size)")
-    p.add_argument("--to", choices=TARGETS, help="target format (default: from DST's suffix)")
-    p.add_argument("--only", metavar="PREFIX", help="keep keys under PREFIX. and strip it (e.g. model, state.model)")
-    p.add_argument("--max-shard-size", metavar="SIZE", help="Hugging Face sharded layout, e.g. 5GB or 500MB")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast floating tensors")
-    p.add_argument("--compression", default="auto", help="shardckpt target: auto (default), none or zstd")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="load pickled objects with weights_only=False: runs code from the file; only for a "
-                        "file you created yourself")
-    p.add_argument("--progress", action="store_true", help="show progress (a bar on a terminal)")
+__all__ = ["add_convert_verb", "format_report"]
 
 
 def format_report(r: ConvertReport) -> str:
@@ -41,21 +26,45 @@ def format_report(r: ConvertReport) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def _target(text: str) -> str:
+    if text not in TARGETS:
+        raise argparse.ArgumentTypeError(f"unknown format {text!r} (choose from {', '.join(TARGETS)})")
+    return text
+
+
+def _shard_size(text: str) -> int:
     try:
-        report = convert(
-            args.src, args.dst, to=args.to, only=args.only, max_shard_size=args.max_shard_size,
-            dtype=args.dtype, compression=None if args.compression == "none" else args.compression,
-            trust_pickle=args.trust_pickle, progress=args.progress,
-        )
-    except (ShardckptError, ValueError) as e:
-        print(f"shardckpt convert: error: {e}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    return 0
+        return parse_size(text) or 0
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m shardckpt.converters", description=DESCRIPTION)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+def _run(a: argparse.Namespace, opts: dict[str, Any] | None,
+         progress: Any) -> tuple[Any, int, Callable[[TextIO], None]]:
+    # shardckpt.convert draws its own progress (bytes written) on stderr, bar or lines.
+    report = convert(a.src, a.dst, to=a.to, only=a.only, max_shard_size=a.max_shard_size, dtype=a.dtype,
+                     compression=None if a.compression == "none" else a.compression,
+                     storage_options=opts, trust_pickle=a.trust_pickle, progress=not a.quiet)
+    doc = json.loads(json.dumps(dataclasses.asdict(report), default=str))
+    return doc, 0, lambda out: print(format_report(report), file=out)
+
+
+def add_convert_verb(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("convert", parents=[common], help="convert between checkpoint formats (shardckpt.convert)",
+                       description="Convert between shardckpt, DCP, torch.save, safetensors and Hugging Face "
+                                   "checkpoints, streaming, without running code from the source; nothing "
+                                   "existing is replaced.")
+    s.add_argument("src", help="shardckpt or DCP checkpoint, .pt/.pth/.bin, .safetensors, or a Hugging Face directory")
+    s.add_argument("dst", help="*.safetensors, *.pt/*.pth, or a directory (shardckpt; HF with --max-shard-size)")
+    s.add_argument("--to", type=_target, metavar="FORMAT",
+                   help="shardckpt, safetensors, torch or dcp (default: from DST's suffix)")
+    s.add_argument("--only", metavar="PREFIX", help="keep keys under PREFIX. and strip it (e.g. state.model)")
+    s.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE",
+                   help="Hugging Face sharded layout, e.g. 5GB (10^9) or 500MiB (2^20)")
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast floating-point tensors")
+    s.add_argument("--compression", default="auto", choices=("auto", "none", "zstd"),
+                   help="shardckpt target's compression (default: auto)")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="load pickled objects with weights_only=False: runs code from the file; only for a "
+                        "file you created yourself")
+    s.set_defaults(run=_run, parser=s)

@@ -35,6 +35,8 @@ from ..errors import IncompleteCheckpointError, ShardckptError
 from ..format import jsoncodec
 from ..manager import tiers
 from ..tools import inspection as tools
+from .convert import add_convert_verb
+from .progress import Progress
 from .text import format_age as _age
 from .text import format_bytes as _bytes
 from .text import format_metrics as _metrics
@@ -100,43 +102,6 @@ def _positive(text: str) -> int:
 # ------------------------------------------------------------------------ progress
 
 
-class _Progress:
-    """``tools.Progress`` for the terminal: a tqdm bar on a TTY, plain lines otherwise."""
-
-    def __init__(self, verb: str, quiet: bool, stream: TextIO) -> None:
-        self.verb, self.quiet, self.stream = verb, quiet, stream
-        self.tty = stream.isatty()
-        self._bar: Any = None
-        self._tqdm: Any = None
-        if self.tty and not quiet:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # a terminal without tqdm gets the plain lines
-                self.tty = False
-            else:
-                self._tqdm = tqdm
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        if not self.tty:
-            if done < total:
-                print(f"{self.verb}: [{done + 1}/{total}] {label}", file=self.stream, flush=True)
-            return
-        if self._bar is None:
-            self._bar = self._tqdm(total=total, desc=self.verb, file=self.stream, leave=False, dynamic_ncols=True)
-        self._bar.n = done
-        self._bar.set_postfix_str(label, refresh=False)
-        self._bar.refresh()
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
 # ---------------------------------------------------------------------- formatting
 
 
@@ -151,7 +116,7 @@ def _short(value: Any, width: int = 40) -> str:
 Result = tuple[Any, int, Callable[[TextIO], None]]
 
 
-def _cmd_ls(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
+def _cmd_ls(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progress) -> Result:
     # A manager's local tier (its root given, or --local-root beside the durable root):
     # steps are rank directories plus a commit marker, listed by shardckpt.manager.tiers.
     local_root = a.local_root or (a.root if tiers.is_local_root(a.root, opts) else None)
@@ -193,7 +158,7 @@ def _cmd_ls(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progr
     return doc, 0, human
 
 
-def _cmd_inspect(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
+def _cmd_inspect(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progress) -> Result:
     try:
         doc = tools.inspect(a.path, keys=a.keys, storage_options=opts)
     except IncompleteCheckpointError as e:
@@ -236,7 +201,7 @@ def _cmd_inspect(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _
     return doc, 0, human
 
 
-def _cmd_verify(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
+def _cmd_verify(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progress) -> Result:
     results = tools.verify_checkpoints(a.paths, storage_options=opts, progress=progress)
     bad = [r for r in results if r["status"] != "valid"]
     doc = {"ok": not bad, "checkpoints": results}
@@ -258,7 +223,7 @@ def _cmd_verify(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _P
     return doc, 1 if bad else 0, human
 
 
-def _cmd_diff(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
+def _cmd_diff(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progress) -> Result:
     doc = tools.diff(a.a, a.b, values=a.values, storage_options=opts, progress=progress)
     code = 1 if a.exit_code and not doc["identical"] else 0
 
@@ -291,7 +256,7 @@ def _cmd_diff(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Pro
     return doc, code, human
 
 
-def _cmd_gc(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
+def _cmd_gc(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progress) -> Result:
     owner = tools.read_owner(a.root, storage_options=opts) if a.force and not a.dry_run else None
     if owner is not None and owner["live"] and not a.quiet:
         print(f"shardckpt gc: --force: deleting although a live manager owns {a.root} "
@@ -319,37 +284,6 @@ def _cmd_gc(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progr
               f"{_bytes(doc['freed_bytes'])}", file=out)
 
     return doc, 1 if doc["failed"] else 0, human
-
-
-def _cmd_convert(a: argparse.Namespace, opts: dict[str, Any] | None, progress: _Progress) -> Result:
-    import dataclasses
-
-    from ..converters import convert
-    from .convert import format_report
-
-    # shardckpt.convert draws its own progress (bytes written) on stderr, bar or lines.
-    report = convert(a.src, a.dst, to=a.to, only=a.only, max_shard_size=a.max_shard_size, dtype=a.dtype,
-                     compression=None if a.compression == "none" else a.compression,
-                     storage_options=opts, trust_pickle=a.trust_pickle, progress=not a.quiet)
-    doc = json.loads(json.dumps(dataclasses.asdict(report), default=str))
-    return doc, 0, lambda out: print(format_report(report), file=out)
-
-
-def _target(text: str) -> str:
-    from ..converters import TARGETS
-
-    if text not in TARGETS:
-        raise argparse.ArgumentTypeError(f"unknown format {text!r} (choose from {', '.join(TARGETS)})")
-    return text
-
-
-def _shard_size(text: str) -> int:
-    from ..converters.plan import parse_size
-
-    try:
-        return parse_size(text) or 0
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- parser
@@ -407,23 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="delete even while a live manager owns ROOT")
     s.set_defaults(run=_cmd_gc, parser=s)
 
-    s = sub.add_parser("convert", parents=[common], help="convert between checkpoint formats (shardckpt.convert)",
-                       description="Convert between shardckpt, DCP, torch.save, safetensors and Hugging Face "
-                                   "checkpoints, streaming; nothing existing is replaced.")
-    s.add_argument("src", help="shardckpt or DCP checkpoint, .pt/.pth/.bin, .safetensors, or a Hugging Face directory")
-    s.add_argument("dst", help="*.safetensors, *.pt/*.pth, or a directory (shardckpt; HF with --max-shard-size)")
-    s.add_argument("--to", type=_target, metavar="FORMAT",
-                   help="shardckpt, safetensors, torch or dcp (default: from DST's suffix)")
-    s.add_argument("--only", metavar="PREFIX", help="keep keys under PREFIX. and strip it (e.g. state.model)")
-    s.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE",
-                   help="Hugging Face sharded layout, e.g. 5GB (10^9) or 500MiB (2^20)")
-    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast floating-point tensors")
-    s.add_argument("--compression", default="auto", choices=("auto", "none", "zstd"),
-                   help="shardckpt target's compression (default: auto)")
-    s.add_argument("--trust-pickle", action="store_true",
-                   help="load pickled objects with weights_only=False: runs code from the file; only for a "
-                        "file you created yourself")
-    s.set_defaults(run=_cmd_convert, parser=s)
+    add_convert_verb(sub, common)
     return p
 
 
@@ -468,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.parser.error(str(e))
     if args.verb == "gc" and not (args.keep_last or args.keep_every or args.keep_best or args.incomplete):
         args.parser.error("nothing to do: give --keep-last, --keep-every and/or --keep-best, and/or --incomplete")
-    progress = _Progress(args.verb, args.quiet, sys.stderr)
+    progress = Progress(args.verb, not args.quiet, sys.stderr)
     try:
         doc, code, human = args.run(args, opts, progress)
     except KeyboardInterrupt:

@@ -28,12 +28,11 @@ import torch
 
 from .. import knobs
 from ..backends import check_storage_options, open_storage
-from ..cli.progress import Progress
 from ..errors import CheckpointNotFoundError, UnsupportedFormatError
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
 from ..format.manifest import DATA_DIR, MANIFEST_NAME
-from .items import Dropped, Source
+from .items import ByteProgress, Dropped, Source
 from .output import Written, require_absent, require_empty_dir
 from .plan import make_plan, parse_dtype, parse_size
 from .source_dcp import DCP_METADATA, DcpSource
@@ -203,8 +202,14 @@ def convert(
     source = open_source(src_url, storage_options, trust_pickle)
     try:
         plan = make_plan(source.items(), only, cast)
-        with Progress(plan.tensor_bytes, f"convert {_split(src_url)[1]} -> {_split(dst_url)[1]}", progress) as bar:
-            written = _write(to, dst_url, shard_limit, plan, source, compression, storage_options, max_bytes, bar)
+        from ..cli.progress import Progress  # (here: the command line imports this module)
+
+        bar = Progress(f"convert {_split(src_url)[1]} -> {_split(dst_url)[1]}", progress, total=plan.tensor_bytes)
+        try:
+            written = _write(to, dst_url, shard_limit, plan, source, compression, storage_options, max_bytes,
+                             bar.start())
+        finally:
+            bar.finish()
     finally:
         source.close()
     chosen = [d for d in source.dropped if only is None or d.key.startswith(only + ".")]
@@ -218,7 +223,7 @@ def convert(
 
 
 def _write(to: str, dst: str, shard_limit: int | None, plan: Any, source: Source, compression: Any,
-           storage_options: Mapping[str, Any] | None, max_bytes: int, bar: Progress) -> Written:
+           storage_options: Mapping[str, Any] | None, max_bytes: int, bar: ByteProgress) -> Written:
     if to == "shardckpt":
         return write_shardckpt(open_storage(dst, storage_options), plan, source, compression, max_bytes, bar)
     if to == "dcp":

@@ -28,6 +28,7 @@ from ..errors import CorruptCheckpointError
 from ..format.layout import box_flat_range
 
 __all__ = [
+    "ByteProgress",
     "TensorItem",
     "ObjectItem",
     "Item",
@@ -81,6 +82,12 @@ class Dropped:
 
     key: str
     reason: str
+
+
+class ByteProgress(Protocol):
+    """Where a conversion reports the bytes it has written (``cli.progress.Progress``)."""
+
+    def advance(self, nbytes: int) -> None: ...
 
 
 class Source(Protocol):

@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from ..backends import Storage
-from ..cli.progress import Progress
 from ..errors import CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
 from ..format.objects import encode_object, raw_bytesio
-from .items import Dropped, Source
+from .items import ByteProgress, Dropped, Source
 from .plan import Planned, PlannedObject
 
 __all__ = ["OutFile", "Written", "checked_pieces", "encode_value", "require_absent", "require_empty_dir",
@@ -93,7 +92,7 @@ def require_empty_dir(storage: Storage) -> None:
 
 
 def checked_pieces(source: Source, order: Sequence[Planned], max_bytes: int,
-                   progress: Progress) -> Iterator[tuple[Planned, memoryview]]:
+                   progress: ByteProgress) -> Iterator[tuple[Planned, memoryview]]:
     """``source.stream`` for ``order``, as byte views, checked against each tensor's size."""
     stream = source.stream([p.item for p in order], [p.dtype for p in order], max_bytes)
     j, got = 0, 0

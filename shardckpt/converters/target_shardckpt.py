@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from .. import knobs
 from ..backends import Storage
-from ..cli.progress import Progress
 from ..format.codec import Compression
 from ..format.codec import resolve as resolve_compression
 from ..format.layout import dtype_name
@@ -42,7 +41,7 @@ from ..io.manifest_builder import new_manifest, new_save_id, shard_name
 from ..io.save_target import default_compression
 from ..io.shard_writer import ShardWriter
 from ..store import CheckpointDir
-from .items import Source
+from .items import ByteProgress, Source
 from .output import Written, checked_pieces, encoded_objects
 from .plan import Plan
 
@@ -50,7 +49,7 @@ __all__ = ["write_shardckpt"]
 
 
 def write_shardckpt(storage: Storage, plan: Plan, source: Source, compression: None | str | Compression,
-                    max_bytes: int, progress: Progress) -> Written:
+                    max_bytes: int, progress: ByteProgress) -> Written:
     """A new shardckpt checkpoint at ``storage`` holding the plan's keys."""
     cfg = default_compression(storage) if compression == "auto" else resolve_compression(compression)
     ckpt = CheckpointDir(storage)
@@ -79,7 +78,7 @@ def write_shardckpt(storage: Storage, plan: Plan, source: Source, compression: N
     return done
 
 
-def _write_entries(out: ShardWriter, plan: Plan, source: Source, max_bytes: int, progress: Progress,
+def _write_entries(out: ShardWriter, plan: Plan, source: Source, max_bytes: int, progress: ByteProgress,
                    done: Written) -> dict[str, Entry]:
     """Every tensor's pieces (one blob per tensor), then the objects, into ``out``."""
     rel = out.rel

@@ -34,8 +34,7 @@ from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 
 from ..backends import Storage
-from ..cli.progress import Progress
-from .items import Dropped, Source
+from .items import ByteProgress, Dropped, Source
 from .output import OutFile, Written, checked_pieces, encoded_objects
 from .plan import Plan, Planned
 from .safetensors_format import METADATA_KEY, build_header, layout_order, st_dtype_name
@@ -81,7 +80,7 @@ def _st_tensors(plan: Plan, done: Written) -> list[Planned]:
 
 
 def _write_st_file(storage: Storage, rel: str, tensors: Sequence[Planned], meta: dict[str, str], source: Source,
-                   max_bytes: int, progress: Progress, done: Written) -> None:
+                   max_bytes: int, progress: ByteProgress, done: Written) -> None:
     order = [tensors[i] for i in layout_order([(p.key, p.dtype) for p in tensors])]
     header, _ = build_header([(p.key, p.dtype, p.item.shape) for p in order], meta)
     out = OutFile(storage, rel)
@@ -99,7 +98,7 @@ def _write_st_file(storage: Storage, rel: str, tensors: Sequence[Planned], meta:
 
 
 def write_safetensors(storage: Storage, rel: str, plan: Plan, source: Source, max_bytes: int,
-                      progress: Progress) -> Written:
+                      progress: ByteProgress) -> Written:
     """One safetensors file ``rel`` (which must not exist) under ``storage``."""
     done = Written()
     tensors = _st_tensors(plan, done)
@@ -123,7 +122,7 @@ def shard_files(tensors: Sequence[Planned], limit: int) -> list[list[Planned]]:
 
 
 def write_hf_dir(storage: Storage, plan: Plan, source: Source, limit: int, max_bytes: int,
-                 progress: Progress) -> Written:
+                 progress: ByteProgress) -> Written:
     """A Hugging Face directory at ``storage`` (empty or absent): sharded with an index,
     or one ``model.safetensors`` when everything fits in ``limit``."""
     done = Written()
@@ -162,7 +161,7 @@ def write_hf_dir(storage: Storage, plan: Plan, source: Source, limit: int, max_b
 
 
 def _materialize(source: Source, tensors: Sequence[Planned], max_bytes: int,
-                 progress: Progress) -> Iterator[tuple[Planned, torch.Tensor]]:
+                 progress: ByteProgress) -> Iterator[tuple[Planned, torch.Tensor]]:
     """``(planned, tensor)`` in order, each assembled from the stream, one at a time."""
     rest = iter(tensors)
     current: Planned | None = None
@@ -187,7 +186,7 @@ def _materialize(source: Source, tensors: Sequence[Planned], max_bytes: int,
 
 
 def write_torch(storage: Storage, rel: str, plan: Plan, source: Source, max_bytes: int,
-                progress: Progress) -> Written:
+                progress: ByteProgress) -> Written:
     """``torch.save`` of the nested dict (all tensors in memory at once: torch.save
     serializes one object). Every value in it loads with ``weights_only=True``."""
     done = Written()
@@ -214,7 +213,7 @@ def write_torch(storage: Storage, rel: str, plan: Plan, source: Source, max_byte
     return done
 
 
-def write_dcp(storage: Storage, plan: Plan, source: Source, max_bytes: int, progress: Progress) -> Written:
+def write_dcp(storage: Storage, plan: Plan, source: Source, max_bytes: int, progress: ByteProgress) -> Written:
     """A DCP checkpoint as one rank's ``FileSystemWriter`` writes it: ``__0_0.distcp``
     (a ``torch.save`` blob per item), then ``.metadata`` last (its existence commits)."""
     done = Written()
