@@ -264,6 +264,25 @@ def test_problems_exit_1_with_a_message_and_a_json_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_directory_that_never_was_a_checkpoint_is_not_called_incomplete(tmp_path):
+    """``verify /etc`` must not say a save never finished: shardckpt's own files
+    (data/, a probe) are what make a directory an incomplete checkpoint."""
+    foreign = tmp_path / "etc"
+    foreign.mkdir()
+    (foreign / "hosts").write_text("127.0.0.1 localhost\n")
+    r = cli("verify", foreign, "--json")
+    assert r.returncode == 1
+    (res,) = doc(r)["checkpoints"]
+    assert res["status"] == "not_found" and "is not a shardckpt checkpoint" in res["message"], res
+    assert "never finished" not in r.stdout + r.stderr
+    assert (foreign / "hosts").exists()  # looked at, never touched
+    started = tmp_path / "started"
+    (started / "data").mkdir(parents=True)  # a save that got as far as its probe's folder
+    r = cli("verify", started, "--json")
+    (res,) = doc(r)["checkpoints"]
+    assert res["status"] == "incomplete" and "never finished" in res["message"], res
+
+
 # ---------------------------------------------------------------------------- diff
 
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from .. import __version__
-from ..errors import IncompleteCheckpointError, ShardckptError
+from ..errors import CheckpointNotFoundError, IncompleteCheckpointError, ShardckptError
 from ..format import jsoncodec
 from ..manager import tiers
 from ..tools import inspection as tools
@@ -161,11 +161,11 @@ def _cmd_ls(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progre
 def _cmd_inspect(a: argparse.Namespace, opts: dict[str, Any] | None, progress: Progress) -> Result:
     try:
         doc = tools.inspect(a.path, keys=a.keys, storage_options=opts)
-    except IncompleteCheckpointError as e:
+    except (IncompleteCheckpointError, CheckpointNotFoundError) as e:
         # The usual slip: a manager's root instead of one of its checkpoints.
         if tools.list_checkpoints(a.path, storage_options=opts):
-            raise IncompleteCheckpointError(f"{e}; it holds checkpoints: see `shardckpt ls {a.path}`",
-                                            path=getattr(e, "path", None)) from None
+            raise type(e)(f"{e}; it holds checkpoints: see `shardckpt ls {a.path}`",
+                          path=getattr(e, "path", None)) from None
         raise
 
     def human(out: TextIO) -> None:

@@ -202,14 +202,9 @@ def convert(
     source = open_source(src_url, storage_options, trust_pickle)
     try:
         plan = make_plan(source.items(), only, cast)
-        from ..cli.progress import Progress  # (here: the command line imports this module)
-
-        bar = Progress(f"convert {_split(src_url)[1]} -> {_split(dst_url)[1]}", progress, total=plan.tensor_bytes)
-        try:
-            written = _write(to, dst_url, shard_limit, plan, source, compression, storage_options, max_bytes,
-                             bar.start())
-        finally:
-            bar.finish()
+        written = _write_with_progress(progress, to, dst_url, shard_limit, plan, source, compression,
+                                       storage_options, max_bytes, f"convert {_split(src_url)[1]} -> "
+                                       f"{_split(dst_url)[1]}")
     finally:
         source.close()
     chosen = [d for d in source.dropped if only is None or d.key.startswith(only + ".")]
@@ -220,6 +215,18 @@ def convert(
     fmt = "hf-safetensors" if to == "safetensors" and not dst_url.lower().endswith(".safetensors") else to
     return ConvertReport(src_url, dst_url, source.format, fmt, tuple(written.keys), written.bytes_written,
                          dropped, tuple(written.files), time.perf_counter() - t0)
+
+
+def _write_with_progress(progress: bool, to: str, dst: str, shard_limit: int | None, plan: Any, source: Source,
+                         compression: Any, storage_options: Mapping[str, Any] | None, max_bytes: int,
+                         desc: str) -> Written:
+    from ..cli.progress import Progress  # (here: the command line imports this module)
+
+    bar = Progress(desc, progress, total=plan.tensor_bytes)
+    try:
+        return _write(to, dst, shard_limit, plan, source, compression, storage_options, max_bytes, bar.start())
+    finally:
+        bar.finish()
 
 
 def _write(to: str, dst: str, shard_limit: int | None, plan: Any, source: Source, compression: Any,

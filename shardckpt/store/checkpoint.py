@@ -205,8 +205,15 @@ class CheckpointDir:
         if data is None:
             if not s.exists():
                 raise CheckpointNotFoundError(f"no checkpoint at {s.url}", path=s.url)
-            if ".metadata" in s.listdir():
+            names = s.listdir()
+            if ".metadata" in names:
                 hint = " (it looks like a torch.distributed.checkpoint directory, not a shardckpt one)"
+            elif names and DATA_DIR not in names:
+                # none of shardckpt's own files (data/ holds a save's probe from its first
+                # step on): not a save that never finished, and nothing to clean up
+                shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+                raise CheckpointNotFoundError(f"{s.url} is not a shardckpt checkpoint (no {MANIFEST_NAME}, no "
+                                              f"{DATA_DIR}/; it holds {shown})", path=s.url)
             else:
                 hint = " (a save never finished: no committed manifest)"
             raise IncompleteCheckpointError(f"{s.url} is not a loadable checkpoint{hint}", path=s.url)

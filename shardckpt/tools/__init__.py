@@ -8,7 +8,7 @@ May import: the public API (``api.load``), ``manager.tiers`` (node-local listing
 from .inspection import (
     DIFF_READ_BUDGET,
     ListedCheckpoint,
-    Progress,
+    ProgressCallback,
     describe_error,
     describe_owner,
     diff,
@@ -19,4 +19,4 @@ from .inspection import (
     verify_checkpoints,
 )
 
-__all__ = ['Progress', 'ListedCheckpoint', 'list_checkpoints', 'inspect', 'verify_checkpoints', 'diff', 'gc', 'read_owner', 'describe_owner', 'describe_error', 'DIFF_READ_BUDGET']
+__all__ = ['ProgressCallback', 'ListedCheckpoint', 'list_checkpoints', 'inspect', 'verify_checkpoints', 'diff', 'gc', 'read_owner', 'describe_owner', 'describe_error', 'DIFF_READ_BUDGET']

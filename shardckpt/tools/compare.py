@@ -1,4 +1,4 @@
-"""``shardckpt.tools.inspection.diff``: what differs between two checkpoints.
+"""``shardckpt.tools.diff``: what differs between two checkpoints.
 
 Keys only in one, dtype or shape changes, and content changes: decided from the
 manifests' chunk CRC32Cs where both store a tensor with the same layout (same
@@ -22,16 +22,16 @@ from ..format.layout import dtype_from_name
 from ..format.manifest import Entry, ObjectEntry, TensorEntry
 from ..store import CheckpointDir
 
-__all__ = ["diff", "DIFF_READ_BUDGET", "Progress", "tick"]
+__all__ = ["diff", "DIFF_READ_BUDGET", "ProgressCallback", "tick"]
 
 PathLike = str | os.PathLike[str]
 StorageOptions = Mapping[str, Any] | None
 #: ``progress(label, done, total)``: called before each unit of work with the units
 #: finished so far and what starts now, and once with ``done == total`` at the end.
-Progress = Callable[[str, int, int], None]
+ProgressCallback = Callable[[str, int, int], None]
 
 
-def tick(progress: Progress | None, label: str, done: int, total: int) -> None:
+def tick(progress: ProgressCallback | None, label: str, done: int, total: int) -> None:
     if progress is not None:
         progress(label, done, total)
 
@@ -143,7 +143,7 @@ def diff(
     *,
     values: bool = False,
     storage_options: StorageOptions = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Compare two checkpoints key by key.
 
@@ -185,23 +185,7 @@ def diff(
                 unchanged.append(key)
             else:
                 changed[key] = {"compared": "crc" if ea.blob is not None and eb.blob is not None else "value"}
-    done = 0
-    stats: dict[str, dict[str, Any]] = {}
-    for batch in _batches({k: ea for k, (ea, _) in to_read.items()}, DIFF_READ_BUDGET):
-        tick(progress, batch[0] if len(batch) == 1 else f"{batch[0]} (+{len(batch) - 1})", done, len(to_read))
-        ta = _read(pa, _zeros({k: to_read[k][0] for k in batch}), storage_options)
-        tb = _read(pb, _zeros({k: to_read[k][1] for k in batch}), storage_options)
-        for key in batch:
-            x, y = ta.pop(key), tb.pop(key)
-            if torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
-                unchanged.append(key)
-            else:
-                changed[key] = {"compared": "read"}
-            if values:
-                stats[key] = _value_stats(x, y)
-        done += len(batch)
-    if to_read:
-        tick(progress, "", len(to_read), len(to_read))
+    stats = _compare_by_reading(to_read, (pa, pb), values, storage_options, progress, unchanged, changed)
     only_a, only_b = sorted(set(ma.entries) - set(mb.entries)), sorted(set(mb.entries) - set(ma.entries))
     return {
         "a": {"path": ca.url, "world_size": ma.world_size, "keys": len(ma.entries), "created_unix": ma.created_unix},
@@ -220,4 +204,27 @@ def diff(
     }
 
 
-# ----------------------------------------------------------------------------- gc
+def _compare_by_reading(to_read: dict[str, tuple[TensorEntry, TensorEntry]], paths: tuple[str, str], values: bool,
+                        opts: StorageOptions, progress: ProgressCallback | None, unchanged: list[str],
+                        changed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Read the tensors CRCs could not decide, a budget's worth at a time from each
+    side, and compare them bit for bit (``values``: their statistics per key too)."""
+    pa, pb = paths
+    done = 0
+    stats: dict[str, dict[str, Any]] = {}
+    for batch in _batches({k: ea for k, (ea, _) in to_read.items()}, DIFF_READ_BUDGET):
+        tick(progress, batch[0] if len(batch) == 1 else f"{batch[0]} (+{len(batch) - 1})", done, len(to_read))
+        ta = _read(pa, _zeros({k: to_read[k][0] for k in batch}), opts)
+        tb = _read(pb, _zeros({k: to_read[k][1] for k in batch}), opts)
+        for key in batch:
+            x, y = ta.pop(key), tb.pop(key)
+            if torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+                unchanged.append(key)
+            else:
+                changed[key] = {"compared": "read"}
+            if values:
+                stats[key] = _value_stats(x, y)
+        done += len(batch)
+    if to_read:
+        tick(progress, "", len(to_read), len(to_read))
+    return stats

@@ -61,11 +61,11 @@ from ..store.retention import (
     newest_valid,
     steps_to_delete,
 )
-from .compare import DIFF_READ_BUDGET, Progress, diff
+from .compare import DIFF_READ_BUDGET, ProgressCallback, diff
 from .compare import tick as _tick
 
 __all__ = [
-    "Progress",
+    "ProgressCallback",
     "ListedCheckpoint",
     "list_checkpoints",
     "inspect",
@@ -149,7 +149,7 @@ def list_checkpoints(
     *,
     verify: bool = False,
     storage_options: StorageOptions = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[ListedCheckpoint]:
     """Checkpoints under ``root``: its ``step_N`` directories (whatever their status)
     and any other subdirectory holding a ``manifest.json``; or ``root`` itself if it
@@ -254,7 +254,7 @@ def describe_error(e: BaseException) -> dict[str, Any]:
 
 
 def verify_checkpoints(
-    paths: Iterable[PathLike], *, storage_options: StorageOptions = None, progress: Progress | None = None,
+    paths: Iterable[PathLike], *, storage_options: StorageOptions = None, progress: ProgressCallback | None = None,
 ) -> list[dict[str, Any]]:
     """Verify each checkpoint (every chunk's CRC32C and decoding, as ``shardckpt.verify``)
     and report on each instead of stopping at the first problem: ``status`` is
@@ -361,7 +361,7 @@ def gc(
     dry_run: bool = False,
     force: bool = False,
     storage_options: StorageOptions = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Apply retention to the step checkpoints under ``root`` as a manager would
     (call order in the module docstring); return what was (or, with ``dry_run``,
