@@ -62,7 +62,7 @@ def _header(src: CheckpointDir) -> tuple[bytes, list[tuple[str, int]]]:
     s = src.storage
     files = sorted((f"{DATA_DIR}/{n}", s.size(f"{DATA_DIR}/{n}")) for n in s.listdir(DATA_DIR))
     doc = {"files": files, "manifest": s.read_bytes(MANIFEST_NAME).decode("latin-1")}
-    return jsoncodec.encode(doc), files
+    return jsoncodec.encode(doc, tuples=True), files
 
 
 def _exchange(group: dist.ProcessGroup, out: list[tuple[int, torch.Tensor]],
