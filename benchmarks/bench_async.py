@@ -143,7 +143,9 @@ for _p in (_REPO, _HERE):  # benchmark the checkout this file lives in; bench_co
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from bench_core import N_TENSORS, _make_state, _source_shard, global_bytes, rows_for  # noqa: E402
+from benchmarks._state import N_TENSORS, global_bytes, rows_for  # noqa: E402
+from benchmarks._state import make_state as _make_state  # noqa: E402
+from benchmarks._state import source_shard as _source_shard  # noqa: E402
 
 PHASES = {"C": 2, "S": 2, "T": 2}
 FLOOR_RATIO_TARGET = 1.25  # issue 12 section 3: 2nd+ stall <= 1.25x plain memcpy
