@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import uuid
 from typing import Any
 
-__all__ = ["run_ranks_on_s3", "write_json"]
+from benchmarks._common import torchrun
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+__all__ = ["run_ranks_on_s3"]
 
 
 def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str,
@@ -28,14 +27,10 @@ def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str
     with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix=prefix, dir=tmp_dir) as tmp:
         endpoint.make_bucket(bucket)
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               os.path.abspath(script), "--worker", *[a.replace("{tmp}", tmp) for a in worker_args],
-               "--endpoint", endpoint.url, "--bucket", bucket, "--out", out]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(omp_threads or max(1, (os.cpu_count() or 1) // ranks))
-        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        args = ["--worker", *[a.replace("{tmp}", tmp) for a in worker_args],
+                "--endpoint", endpoint.url, "--bucket", bucket, "--out", out]  # fmt: skip
         print(f"moto S3 server {endpoint.url} (pid {os.getpid()}), bucket {bucket}", file=sys.stderr)
-        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
+        rc = torchrun(script, ranks, args, omp_threads=omp_threads, check=False)
         if rc != 0:
             print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
             sys.exit(2)
@@ -43,10 +38,3 @@ def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str
             data = json.load(f)
         endpoint.delete_bucket(bucket)
     return data
-
-
-def write_json(result: dict[str, Any], path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {path}")
