@@ -17,6 +17,10 @@ Rank side (inside a torchrun worker; torch is imported only when called):
 * :func:`barrier_timed`: barrier, clock, call, barrier, clock -- the timing every
   collective benchmark uses (a collective call is done when the slowest rank is).
 * :func:`all_ranks`: a flag that holds only if it holds on every rank.
+* :func:`rank0_clear`: once every rank is done with them, rank 0 deletes checkpoints
+  and flushes dirty pages, so the next timed call does not pay for this one's writeback.
+* :func:`finish_ranks`: rank 0 writes the worker's JSON, every rank leaves the group.
+* :func:`fsync_paths`: make files (and directories) durable.
 
 Statistics: :func:`med` (median, NaN when empty), :func:`rotated` (the order of
 interleaved contenders in round ``k``), :func:`verdict`.
@@ -43,11 +47,14 @@ __all__ = [
     "barrier_timed",
     "child_env",
     "cpu_model",
+    "finish_ranks",
+    "fsync_paths",
     "machine",
     "machine_info",
     "med",
     "omp_per_rank",
     "quiet_warnings",
+    "rank0_clear",
     "rank0_logger",
     "rotated",
     "run_phases",
@@ -263,6 +270,38 @@ def all_ranks(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def rank0_clear(*paths: str) -> None:
+    """After a barrier, rank 0 removes ``paths`` (directories) and runs ``sync``."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+
+
+def finish_ranks(result: Any, out: str | None) -> None:
+    """End a worker: rank 0 writes ``result`` as JSON to ``out``; all ranks meet and leave the group."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0 and out:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fsync_paths(paths: Sequence[str]) -> None:
+    """fsync each file or directory in ``paths``."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------

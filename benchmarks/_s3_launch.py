@@ -1,10 +1,12 @@
 """One launcher for the benchmarks whose ranks talk to a moto S3 endpoint: start
 the endpoint (in this process, so it outlives every rank) and a bucket, run the
 script's ``--worker`` ranks under ``torchrun --standalone``, return the JSON the
-ranks wrote. Rank chatter goes to stderr so stdout carries only the report."""
+ranks wrote. Rank chatter goes to stderr so stdout carries only the report.
+:func:`add_worker_flags` declares the hidden flags the ranks are given."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -14,7 +16,15 @@ from typing import Any
 
 from benchmarks._common import torchrun
 
-__all__ = ["run_ranks_on_s3"]
+__all__ = ["add_worker_flags", "run_ranks_on_s3"]
+
+
+def add_worker_flags(ap: argparse.ArgumentParser, *extra: str) -> None:
+    """Hidden flags of a script's rank mode: ``--worker`` and what :func:`run_ranks_on_s3`
+    passes (``--endpoint``, ``--bucket``, ``--out``), plus ``extra`` string flags."""
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--endpoint", "--bucket", "--out", *extra):
+        ap.add_argument(flag, help=argparse.SUPPRESS)
 
 
 def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str,

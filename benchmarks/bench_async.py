@@ -141,30 +141,30 @@ from benchmarks._async.phase_s import phase_s  # noqa: E402
 from benchmarks._async.phase_t import phase_t  # noqa: E402
 from benchmarks._async.report import Targets, report_c, report_s  # noqa: E402
 from benchmarks._async.report_t import report_t  # noqa: E402
-from benchmarks._common import cpu_model, quiet_warnings, run_phases, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    cpu_model,
+    finish_ranks,
+    quiet_warnings,
+    run_phases,
+    write_json,
+)
 
 
 def worker(args: argparse.Namespace) -> None:
     """One phase on this rank (under torchrun); rank 0 writes every rank's results to ``--out``."""
-    import json
-
     import torch
     import torch.distributed as dist
 
     quiet_warnings()
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     if world != PHASES[args.phase]:
         raise SystemExit(f"phase {args.phase} needs {PHASES[args.phase]} ranks, got {world}")
     res = {"C": phase_c, "S": phase_s, "T": phase_t}[args.phase](args)
     res["torch_threads"] = torch.get_num_threads()
     every: list[Any] = [None] * world
     dist.all_gather_object(every, res)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"phase": args.phase, "world": world, "ranks": every}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks({"phase": args.phase, "world": world, "ranks": every}, args.out)
 
 
 def _phase_args(args: argparse.Namespace) -> list[str]:

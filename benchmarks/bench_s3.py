@@ -37,7 +37,6 @@ the ranks (sum) and for the moto server process, to show where the time goes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -49,7 +48,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # benchmark the checkout this file lives in
     sys.path.insert(0, _REPO)
 
-from benchmarks._common import all_ranks, machine, quiet_warnings, rank0_logger, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    all_ranks,
+    finish_ranks,
+    machine,
+    quiet_warnings,
+    rank0_logger,
+    write_json,
+)
+from benchmarks._s3_launch import add_worker_flags, run_ranks_on_s3  # noqa: E402
 from benchmarks._state import COLS, N_TENSORS, key, make_state, rows_for, seeded_rows  # noqa: E402
 
 VARIANTS = ("shardckpt raw", "shardckpt auto", "DCP fsspec", "raw ceiling")
@@ -242,13 +249,8 @@ def worker(args: argparse.Namespace) -> None:
     src, dest = _state(mesh, rows, False), _state(mesh, rows, True)
     log(f"built state [{N_TENSORS} x {rows}x{COLS}] fp32 ({time.perf_counter() - t_build:.1f}s)")
     res = _rounds(args, ops, fs, src, dest, log)
-    if rank == 0:
-        out = {"variants": res, "rows": rows, "world": world, "torch": torch.__version__,
-               "knobs": knobs.get().__dict__, "torch_threads": torch.get_num_threads()}  # fmt: skip
-        with open(args.out, "w") as f:
-            json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks({"variants": res, "rows": rows, "world": world, "torch": torch.__version__,
+                  "knobs": knobs.get().__dict__, "torch_threads": torch.get_num_threads()}, args.out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -341,11 +343,8 @@ def main() -> None:
                     help="untimed full-size rounds before the timed ones (default 1)")
     ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
-    ap.add_argument("--bucket", help=argparse.SUPPRESS)
+    add_worker_flags(ap)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -354,8 +353,6 @@ def main() -> None:
         ap.error("--gib must be positive, --reps and --ranks >= 1, --warmup >= 0")
 
     import resource
-
-    from benchmarks._s3_launch import run_ranks_on_s3
 
     t0 = time.perf_counter()
     mach = machine()

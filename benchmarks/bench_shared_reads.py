@@ -26,7 +26,6 @@ Target (issue 12, section 4): on S3, shared reads ≥ 1.6x faster than off.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # benchmark the checkout this file lives in
     sys.path.insert(0, _REPO)
 
-from benchmarks._common import all_ranks, machine, rank0_logger, write_json  # noqa: E402
+from benchmarks._common import all_ranks, finish_ranks, machine, rank0_logger, write_json  # noqa: E402
+from benchmarks._s3_launch import add_worker_flags, run_ranks_on_s3  # noqa: E402
 from benchmarks._state import COLS, N_TENSORS, rows_for  # noqa: E402
 
 SEED = 20241201
@@ -105,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
     from tests.s3util import storage_options_for
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     log = rank0_logger("bench_shared_reads")
     urls = {"s3": (f"s3://{args.bucket}/replicated", storage_options_for(args.endpoint)),
             "local": (os.path.join(args.local_dir, "replicated"), None)}  # fmt: skip
@@ -129,12 +129,8 @@ def worker(args: argparse.Namespace) -> None:
                 res[b][mode][field].append(s)
                 log(f"{b} {'warm-up' if field == 'warmup_s' else 'rep'} {rep} shared_reads={mode}: "
                     f"{s:6.2f}s correct={ok}")
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"backends": res, "rows": rows, "world": world, "correct": correct,
-                       "torch": torch.__version__, "knobs": knobs.get().__dict__}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks({"backends": res, "rows": rows, "world": world, "correct": correct,
+                  "torch": torch.__version__, "knobs": knobs.get().__dict__}, args.out)  # fmt: skip
 
 
 def report(args: argparse.Namespace, data: dict[str, Any], mach: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -183,18 +179,13 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
     ap.add_argument("--local-dir", default=None, help="where the local checkpoint goes (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
-    ap.add_argument("--bucket", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_flags(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     if args.gib <= 0 or args.reps < 1 or args.ranks < 2 or args.warmup < 0:
         ap.error("--gib must be positive, --reps >= 1, --ranks >= 2, --warmup >= 0")
-
-    from benchmarks._s3_launch import run_ranks_on_s3
 
     t0 = time.perf_counter()
     full = machine()

@@ -31,7 +31,6 @@ than the remote one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,7 +44,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import finish_ranks, write_json  # noqa: E402
+from benchmarks._s3_launch import add_worker_flags, run_ranks_on_s3  # noqa: E402
 from benchmarks._state import COLS, N_TENSORS, make_state, rows_for, seeded_rows  # noqa: E402
 
 SAVES = ("plain async", "local tier", "remote")
@@ -149,11 +149,7 @@ def worker(args: argparse.Namespace) -> None:
         m.close()
     flags = [None] * world
     dist.all_gather_object(flags, correct)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"times": times, "correct": all(flags), "rows": rows}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks({"times": times, "correct": all(flags), "rows": rows}, args.out)
 
 
 def report(args: argparse.Namespace, data: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -194,16 +190,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="interleaved timed rounds (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
-    for hidden in ("--endpoint", "--bucket", "--out", "--tmp", "--shm"):
-        ap.add_argument(hidden, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_flags(ap, "--tmp", "--shm")
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     if args.gib <= 0 or args.reps < 1 or args.warmup < 0:
         ap.error("--gib must be positive, --reps >= 1, --warmup >= 0")
-    from benchmarks._s3_launch import run_ranks_on_s3
 
     t0 = time.perf_counter()
     shm = tempfile.mkdtemp(prefix="bench-tiers-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

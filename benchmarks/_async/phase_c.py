@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
 from benchmarks._async.measure import instrument_shardckpt, malloc_trim
-from benchmarks._common import rank0_logger
+from benchmarks._common import rank0_clear, rank0_logger
 from benchmarks._state import make_state, rows_for, source_shard
 
 __all__ = ["floor_copies", "phase_c"]
@@ -57,9 +56,7 @@ def floor_copies(src: list[Any], dst: list[Any]) -> dict[str, Callable[[], None]
     return {"memcpy": memcpy, "kernel": kernel, "copy_": torch_copy}
 
 
-def _timed_save(
-    sd: dict[str, Any], path: str, breakdown: dict[str, float] | None, rank: int
-) -> dict[str, float]:
+def _timed_save(sd: dict[str, Any], path: str, breakdown: dict[str, float] | None) -> dict[str, float]:
     """One shardckpt.async_save, both ranks starting together: its stall (and split),
     then the commit is awaited and the checkpoint removed before anything else runs."""
     import torch.distributed as dist
@@ -75,10 +72,7 @@ def _timed_save(
     h.result()
     if breakdown is not None:
         rec.update(plan=breakdown["plan"], stage=breakdown["stage"])
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.sync()  # no dirty pages of this save compete with the next copy
+    rank0_clear(path)  # no dirty pages of this save compete with the next copy
     dist.barrier()
     return rec
 
@@ -89,7 +83,6 @@ def _one_size(gib: float, mesh: Any, root: str, copy_repeats: int,
     import torch
     import torch.distributed as dist
 
-    rank = dist.get_rank()
     rows = rows_for(gib)
     sd = make_state(mesh, rows, lambda i, size, r: source_shard(i, rows, r))
     local = [t.to_local() for t in sd.values()]
@@ -98,7 +91,7 @@ def _one_size(gib: float, mesh: Any, root: str, copy_repeats: int,
     floors = floor_copies(local, dst)
     records: list[dict[str, Any]] = []
     # the first save allocates and faults in the staging pool
-    first = _timed_save(sd, os.path.join(root, f"C-{gib}-first"), breakdown, rank)
+    first = _timed_save(sd, os.path.join(root, f"C-{gib}-first"), breakdown)
     for rnd in range(copy_repeats):
         rec: dict[str, Any] = {"round": rnd}
         # alternate the order, so drift on a shared machine hits both sides alike
@@ -107,7 +100,7 @@ def _one_size(gib: float, mesh: Any, root: str, copy_repeats: int,
             gc.collect()
             if what == "save":
                 path = os.path.join(root, f"C-{gib}-r{rnd}")
-                rec.update(_timed_save(sd, path, breakdown, rank))
+                rec.update(_timed_save(sd, path, breakdown))
             else:
                 dist.barrier()
                 t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from benchmarks._async.measure import (
     rss_bytes,
     settle_dcp_threads,
 )
-from benchmarks._common import rank0_logger, rotated
+from benchmarks._common import rank0_clear, rank0_logger, rotated
 from benchmarks._state import make_state, rows_for, source_shard
 
 __all__ = ["phase_s"]
@@ -142,10 +142,7 @@ def _one_save(variants: _Variants, variant: str, rnd: int, src: dict[str, Any], 
            "rss_before": rss0, "peak": peak, "rss_after": rss_bytes()}  # fmt: skip
     if breakdown is not None and variant.startswith("shardckpt"):
         rec["plan"], rec["stage"] = breakdown["plan"], breakdown["stage"]
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.sync()  # the next save starts with no dirty pages of this one
+    rank0_clear(path)  # the next save starts with no dirty pages of this one
     return rec
 
 

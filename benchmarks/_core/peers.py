@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from benchmarks._common import fsync_paths
 from benchmarks._state import SRC_WORLD, shard_bounds
 
 __all__ = ["drop_caches", "torch_ckpt_manager", "torch_ckpt_save", "torch_load", "torch_save",
@@ -45,15 +46,6 @@ def drop_caches() -> dict[str, Any]:
     return {"ok": True, "cached_before_mib": before, "cached_after_mib": after}
 
 
-def _fsync_paths(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def torch_save(sd: dict[str, Any], path: str, rank: int) -> None:
     """Peer ``torch-save``: each rank writes its local shards to its own file, durably."""
     import torch
@@ -61,7 +53,7 @@ def torch_save(sd: dict[str, Any], path: str, rank: int) -> None:
     os.makedirs(path, exist_ok=True)
     f = os.path.join(path, f"rank{rank}.pt")
     torch.save({k: v.to_local() for k, v in sd.items()}, f)
-    _fsync_paths([f, path])
+    fsync_paths([f, path])
 
 
 def torch_load(sd: dict[str, Any], path: str, rows: int, world: int, rank: int) -> None:
@@ -128,4 +120,4 @@ def torch_ckpt_save(mgr: Any, sd: dict[str, Any], path: str, rank: int) -> None:
         owner = int(stem.rsplit("_", 1)[1]) if stem.rsplit("_", 1)[-1].isdigit() else 0
         if owner == rank:
             mine.append(os.path.join(path, name))
-    _fsync_paths(mine + ([path] if rank == 0 else []))
+    fsync_paths(mine + ([path] if rank == 0 else []))

@@ -11,14 +11,13 @@ Rank 0 writes the phase's JSON (``args.out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks._common import all_ranks, barrier_timed, quiet_warnings, rank0_logger
+from benchmarks._common import all_ranks, barrier_timed, finish_ranks, quiet_warnings, rank0_logger
 from benchmarks._core import CHECK_TENSORS, PHASES
 from benchmarks._core.peers import (
     drop_caches,
@@ -174,12 +173,7 @@ def worker(args: argparse.Namespace) -> None:
     load_op = next((op for op in ops if op != "save"), None)
     if load_op is not None:
         _time_loads(args, mesh, load_op, loaders, libs, results, log)
-    crc = _crc_implementations()
+    results["crc"] = _crc_implementations()
     if tc_mgr is not None:
         tc_mgr.close()
-    if rank == 0:
-        results["crc"] = crc
-        with open(args.out, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(results, args.out)
