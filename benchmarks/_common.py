@@ -8,8 +8,8 @@ Driver side (the process a user starts):
 * :func:`run_phases`: the phase loop of ``bench_core.py`` and ``bench_async.py``: a
   scratch directory, one torchrun launch per phase that writes its JSON there, the
   JSON read back with the launch's wall time; a failed phase exits 2.
-* :func:`write_json`, :func:`cpu_model`, :func:`machine`, :func:`machine_info`: what
-  the numbers were measured on and where they go.
+* :func:`write_json`, :func:`cpu_model`, :func:`machine`, :func:`machine_info`,
+  :func:`package_version`: what the numbers were measured on and where they go.
 
 Rank side (inside a torchrun worker; torch is imported only when called):
 
@@ -53,6 +53,7 @@ __all__ = [
     "machine_info",
     "med",
     "omp_per_rank",
+    "package_version",
     "quiet_warnings",
     "rank0_clear",
     "rank0_logger",
