@@ -1,21 +1,30 @@
 """One launcher for the benchmarks whose ranks talk to a moto S3 endpoint: start
 the endpoint (in this process, so it outlives every rank) and a bucket, run the
 script's ``--worker`` ranks under ``torchrun --standalone``, return the JSON the
-ranks wrote. Rank chatter goes to stderr so stdout carries only the report."""
+ranks wrote. Rank chatter goes to stderr so stdout carries only the report.
+:func:`add_worker_flags` declares the hidden flags the ranks are given."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import uuid
 from typing import Any
 
-__all__ = ["run_ranks_on_s3", "write_json"]
+from benchmarks._common import torchrun
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+__all__ = ["add_worker_flags", "run_ranks_on_s3"]
+
+
+def add_worker_flags(ap: argparse.ArgumentParser, *extra: str) -> None:
+    """Hidden flags of a script's rank mode: ``--worker`` and what :func:`run_ranks_on_s3`
+    passes (``--endpoint``, ``--bucket``, ``--out``), plus ``extra`` string flags."""
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--endpoint", "--bucket", "--out", *extra):
+        ap.add_argument(flag, help=argparse.SUPPRESS)
 
 
 def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str,
@@ -28,14 +37,10 @@ def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str
     with S3Endpoint() as endpoint, tempfile.TemporaryDirectory(prefix=prefix, dir=tmp_dir) as tmp:
         endpoint.make_bucket(bucket)
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               os.path.abspath(script), "--worker", *[a.replace("{tmp}", tmp) for a in worker_args],
-               "--endpoint", endpoint.url, "--bucket", bucket, "--out", out]
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = str(omp_threads or max(1, (os.cpu_count() or 1) // ranks))
-        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        args = ["--worker", *[a.replace("{tmp}", tmp) for a in worker_args],
+                "--endpoint", endpoint.url, "--bucket", bucket, "--out", out]  # fmt: skip
         print(f"moto S3 server {endpoint.url} (pid {os.getpid()}), bucket {bucket}", file=sys.stderr)
-        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
+        rc = torchrun(script, ranks, args, omp_threads=omp_threads, check=False)
         if rc != 0:
             print(f"benchmark ranks failed (torchrun exit status {rc}); see above", file=sys.stderr)
             sys.exit(2)
@@ -43,10 +48,3 @@ def run_ranks_on_s3(script: str, ranks: int, worker_args: list[str], prefix: str
             data = json.load(f)
         endpoint.delete_bucket(bucket)
     return data
-
-
-def write_json(result: dict[str, Any], path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"results written to {path}")

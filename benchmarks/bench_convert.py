@@ -46,15 +46,16 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # benchmark the checkout this file lives in
     sys.path.insert(0, _REPO)
 
-N_TENSORS = 16
-COLS = 1024
-SEED = 20240611
+from benchmarks._common import child_env, fsync_paths, quiet_warnings, torchrun, write_json  # noqa: E402
+from benchmarks._state import COLS, N_TENSORS, make_state, seeded_rows  # noqa: E402
+from benchmarks._state import rows_for as _rows_for  # noqa: E402
+
 VARIANTS = ("shardckpt", "peer")
 TARGETS = {"speed": 2.0, "rss": 0.3}
 
 
 def rows_for(gib: float) -> int:
-    return max(4, int(round(gib * (1 << 30) / 4 / N_TENSORS / COLS)))
+    return _rows_for(gib, 4)
 
 
 def tensor_bytes(gib: float) -> int:
@@ -65,29 +66,17 @@ def tensor_bytes(gib: float) -> int:
 
 
 def save_phase(args: argparse.Namespace) -> None:
-    import warnings
-
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
     import shardckpt
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_warnings()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    rows = rows_for(args.gib)
-    fn = getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
-    size, _ = fn(rows, world, rank)
-    sd = {}
-    for i in range(N_TENSORS):
-        g = torch.Generator().manual_seed(SEED + 1000 * rank + i)
-        local = torch.randn(int(size), COLS, generator=g)
-        sd[f"model.layers.{i:02d}.weight"] = DTensor.from_local(
-            local, mesh, [Shard(0)], run_check=False, shape=torch.Size((rows, COLS)), stride=(COLS, 1))
+    sd = make_state(mesh, rows_for(args.gib), seeded_rows, prefix="model.")
     t0 = time.perf_counter()
     shardckpt.save(sd, os.path.join(args.dir, "ck"))
     t1 = time.perf_counter()
@@ -135,11 +124,7 @@ def variant_run(args: argparse.Namespace) -> None:
         t2 = time.perf_counter()
         save_file(sd, out)
         t3 = time.perf_counter()
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_paths([out])
         res["steps"] = {"dcp_to_torch_save": t1 - t0, "torch.load": t2 - t1, "save_file": t3 - t2,
                         "fsync": time.perf_counter() - t3}
         res["seconds_unsynced"] = t3 - t0
@@ -168,9 +153,7 @@ def compare_outputs(args: argparse.Namespace) -> None:
 
 def _child(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--dir", args.dir, "--gib", repr(args.gib), *extra]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -255,11 +238,7 @@ def main() -> None:
     scratch = argparse.Namespace(**{**vars(args), "dir": root})
     print(f"benchmark directory: {root}", file=sys.stderr, flush=True)
     try:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = _REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        os.path.abspath(__file__), "--phase", "save", "--gib", repr(args.gib), "--dir", root],
-                       check=True, stdout=sys.stderr, env=env)
+        torchrun(__file__, 2, ["--phase", "save", "--gib", repr(args.gib), "--dir", root], omp_threads=1)
         os.sync()
         setup_s = time.perf_counter() - t_start
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
@@ -273,9 +252,7 @@ def main() -> None:
                       f"peak RSS {res['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
         check = _child(scratch, "--compare")
         results = report(args, runs, warm, check, setup_s, time.perf_counter() - t_start)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        write_json(results, args.json, indent=2)
     finally:
         if args.keep:
             print(f"kept {root}", file=sys.stderr)

@@ -19,7 +19,6 @@ neighbours) hits all of them alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,11 +29,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-try:
-    from shardckpt.native import crc32c as _checksum
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from shardckpt.native import crc32c as _checksum
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # benchmark the checkout this file lives in
+    sys.path.insert(0, _REPO)
+
+from benchmarks._common import write_json  # noqa: E402
+from shardckpt.native import crc32c as _checksum  # noqa: E402
 
 try:
     from shardckpt.native import _crc32c as _ext
@@ -96,7 +96,7 @@ def _table(title: str, results: dict[str, float], sizes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256, help="large buffer size (default 256)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (>=5 advised)")
@@ -107,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         "--software-mib", type=int, default=8, help="buffer for the software fallback (default 8)"
     )
     ap.add_argument("--json", default=None, help="also write the results (GB/s) as JSON here")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _print_setup() -> None:
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"shardckpt.native.crc32c: {_checksum.implementation()}")
     if _ext is not None:
@@ -119,10 +121,44 @@ def main(argv: list[str] | None = None) -> int:
         print("crc32c package not installed (pip install crc32c) - no comparison")
     print()
 
+
+def _large(args: argparse.Namespace, big: np.ndarray) -> tuple[dict[str, float], dict[str, int]]:
+    """The large buffer's table (the software fallback on its first ``--software-mib``)."""
+    soft = big[: args.software_mib << 20]
+    results = _measure(_contenders(False), big, args.repeats, min_seconds=0.1)
+    results.update(
+        _measure(
+            [("shardckpt software fallback", _checksum._software_crc32c)],
+            soft,
+            max(3, args.repeats // 2),
+            min_seconds=0.0,
+        )
+    )
+    sizes = {name: big.nbytes for name in results}
+    sizes["shardckpt software fallback"] = soft.nbytes
+    print(_table(f"Large buffer ({args.size_mib} MiB, median of {args.repeats})", results, sizes))
+    print()
+    return results, sizes
+
+
+def _ratios(results_big: dict[str, float], results_small: dict[str, float]) -> dict[str, float]:
+    """shardckpt's default kernel / the crc32c package, per buffer (printed), if both exist."""
+    ratios: dict[str, float] = {}
+    if _ext is not None and _crc32c_pkg is not None:
+        default = f"shardckpt default ({_ext.implementation()})"
+        for label, res in (("large", results_big), ("cached", results_small)):
+            ratio = res[default] / res["crc32c package"]
+            ratios[label] = ratio
+            print(f"ratio shardckpt / crc32c package ({label} buffer): {ratio:.2f}x")
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _print_setup()
     rng = np.random.default_rng(12345)
     big = rng.integers(0, 256, args.size_mib << 20, dtype=np.uint8)
     small = rng.integers(0, 256, args.cached_kib << 10, dtype=np.uint8)
-    soft = big[: args.software_mib << 20]
 
     # Sanity: every CRC32C contender agrees before we time anything.
     check = small[:100_003]
@@ -131,24 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print("MISMATCH between implementations:", answers)
         return 1
 
-    results_big = _measure(_contenders(False), big, args.repeats, min_seconds=0.1)
-    results_big.update(
-        _measure(
-            [("shardckpt software fallback", _checksum._software_crc32c)],
-            soft,
-            max(3, args.repeats // 2),
-            min_seconds=0.0,
-        )
-    )
-    sizes_big = {name: big.nbytes for name in results_big}
-    sizes_big["shardckpt software fallback"] = soft.nbytes
-    print(
-        _table(
-            f"Large buffer ({args.size_mib} MiB, median of {args.repeats})", results_big, sizes_big
-        )
-    )
-    print()
-
+    results_big, sizes_big = _large(args, big)
     results_small = _measure(_contenders(False), small, args.repeats, min_seconds=0.05)
     print(
         _table(
@@ -158,25 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print()
-
-    ratios: dict[str, float] = {}
-    if _ext is not None and _crc32c_pkg is not None:
-        default = f"shardckpt default ({_ext.implementation()})"
-        for label, res in (("large", results_big), ("cached", results_small)):
-            ratio = res[default] / res["crc32c package"]
-            ratios[label] = ratio
-            print(f"ratio shardckpt / crc32c package ({label} buffer): {ratio:.2f}x")
-    if args.json:
-        out = {
-            "implementation": _checksum.implementation(),
-            "large": {"bytes": big.nbytes, "gbps": results_big},
-            "large_bytes_by_name": sizes_big,
-            "cached": {"bytes": small.nbytes, "gbps": results_small},
-            "ratio_vs_crc32c_package": ratios,
-            "repeats": args.repeats,
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    ratios = _ratios(results_big, results_small)
+    write_json({
+        "implementation": _checksum.implementation(),
+        "large": {"bytes": big.nbytes, "gbps": results_big},
+        "large_bytes_by_name": sizes_big,
+        "cached": {"bytes": small.nbytes, "gbps": results_small},
+        "ratio_vs_crc32c_package": ratios,
+        "repeats": args.repeats,
+    }, args.json)  # fmt: skip
     return 0
 
 

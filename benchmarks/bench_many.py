@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from typing import Any
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from benchmarks._common import barrier_timed, finish_ranks, torchrun, write_json  # noqa: E402
 
 ROWS, COLS = 64, 16
 
@@ -51,16 +52,6 @@ def _state(params: int, mesh: Any, fill: float | None = None) -> dict[str, Any]:
             full = torch.randn(ROWS, COLS, generator=g) if fill is None else torch.full((ROWS, COLS), fill)
             sd[f"layers.{i}.{kind}"] = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
     return sd
-
-
-def _timed(fn: Any) -> float:
-    import torch.distributed as dist
-
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - t0
 
 
 def phase(args: argparse.Namespace) -> None:
@@ -90,16 +81,16 @@ def phase(args: argparse.Namespace) -> None:
     ours = shardckpt.AsyncCheckpointer()
     for rep in range(args.repeats + 1):  # rep 0 warms both up
         p_ours, p_dcp = fresh("ours"), fresh("dcp")
-        t_ours = _timed(lambda p=p_ours: shardckpt.save(sd, p))
-        t_dcp = _timed(lambda p=p_dcp: dcp.save(sd, storage_writer=dcp.FileSystemWriter(p)))
+        t_ours = barrier_timed(lambda p=p_ours: shardckpt.save(sd, p))
+        t_dcp = barrier_timed(lambda p=p_dcp: dcp.save(sd, storage_writer=dcp.FileSystemWriter(p)))
         out = _state(args.params, mesh, fill=0.0)
-        l_ours = _timed(lambda p=p_ours, o=out: shardckpt.load(o, p))
-        l_dcp = _timed(lambda p=p_dcp, o=out: dcp.load(o, storage_reader=dcp.FileSystemReader(p)))
+        l_ours = barrier_timed(lambda p=p_ours, o=out: shardckpt.load(o, p))
+        l_dcp = barrier_timed(lambda p=p_dcp, o=out: dcp.load(o, storage_reader=dcp.FileSystemReader(p)))
         a_ours, a_dcp = fresh("a_ours"), fresh("a_dcp")
         h: list[Any] = []
-        s_ours = _timed(lambda p=a_ours, h=h: h.append(ours.async_save(sd, p)))
+        s_ours = barrier_timed(lambda p=a_ours, h=h: h.append(ours.async_save(sd, p)))
         h.pop().result()
-        s_dcp = _timed(lambda p=a_dcp, h=h: h.append(dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(p))))
+        s_dcp = barrier_timed(lambda p=a_dcp, h=h: h.append(dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(p))))
         h.pop().result()
         dist.barrier()
         mgr_root = os.path.join(base, "mgr")
@@ -111,8 +102,8 @@ def phase(args: argparse.Namespace) -> None:
                 mgr.save(1, sd, force=True)
         step_path = os.path.join(mgr_root, "step_0000000001")
         with shardckpt.CheckpointManager(mgr_root) as mgr:
-            r_mgr = _timed(lambda m=mgr, o=out: m.restore(_Holder(o)))
-        r_plain = _timed(lambda o=out, p=step_path: shardckpt.load({"state": o}, p))
+            r_mgr = barrier_timed(lambda m=mgr, o=out: m.restore(_Holder(o)))
+        r_plain = barrier_timed(lambda o=out, p=step_path: shardckpt.load({"state": o}, p))
         if rep == 0:
             continue
         for op, a, b in (("save", t_ours, t_dcp), ("load", l_ours, l_dcp), ("async stall", s_ours, s_dcp),
@@ -120,11 +111,7 @@ def phase(args: argparse.Namespace) -> None:
             record(op, "shardckpt" if op != "restore vs load" else "restore", a)
             record(op, "dcp" if op != "restore vs load" else "plain load", b)
     ours.close()
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"ranks": world, "params": args.params, "tensors": 3 * args.params, "times": times}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks({"ranks": world, "params": args.params, "tensors": 3 * args.params, "times": times}, args.out)
 
 
 class _Holder:
@@ -155,13 +142,11 @@ def main() -> None:
         return
     work = tempfile.mkdtemp(prefix="bench_many-")
     out = os.path.join(work, "result.json")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_REPO)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
-           os.path.abspath(__file__), "--phase", "--dir", work, "--out", out,
-           "--params", str(args.params), "--repeats", str(args.repeats)]
     try:
-        subprocess.run(cmd, check=True, env=env)
-        res = json.load(open(out))
+        torchrun(__file__, args.ranks, ["--phase", "--dir", work, "--out", out, "--params", str(args.params),
+                                        "--repeats", str(args.repeats)], omp_threads=1, stdout=None)  # fmt: skip
+        with open(out) as f:
+            res = json.load(f)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{res['ranks']} gloo ranks, {res['tensors']} DTensors Shard(0) of {ROWS}x{COLS} fp32, "
@@ -175,9 +160,7 @@ def main() -> None:
         summary[op] = {a_name: ma, b_name: mb, "ratio": ma / mb, "target": target}
         print(f"{op:<18}{ma:>10.3f}{mb:>10.3f}{ma / mb:>10.2f}x  <= {target}x "
               f"({'met' if ma / mb <= target else 'not met'})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"result": res, "summary": summary}, f, indent=1)
+    write_json({"result": res, "summary": summary}, args.json)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,15 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # benchmark the checkout this file lives in
+    sys.path.insert(0, _REPO)
+
+from benchmarks._common import barrier_timed, finish_ranks, rotated, torchrun  # noqa: E402
 
 TENSORS = 16
 GOAL = 0.02
@@ -58,30 +62,22 @@ def _worker(args: argparse.Namespace) -> None:
         for k, v in ddp.items()
     }
     out: dict[str, Any] = {}
-
-    def timed(fn: Any) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dist.barrier()
-        return time.perf_counter() - t0
-
     cases = [("sharded", "save", sharded), ("ddp", "save", ddp), ("ddp", "async stall", ddp)]
     for state_name, op, sd in cases:
         times: dict[str, list[float]] = {label: [] for label in LABELS}
         for run in range(args.repeats + 1):
             # rotated each run: no variant always goes first after a deletion
-            for label in LABELS[run % 3:] + LABELS[:run % 3]:
+            for label in rotated(LABELS, run):
                 mode = "off" if label == CONTROL else label
                 path = os.path.join(args.dir, f"{state_name}-{op.split()[0]}-{label}")
                 if rank == 0:
                     shutil.rmtree(path, ignore_errors=True)
                     os.sync()
                 if op == "save":
-                    t = timed(lambda: shardckpt.save(sd, path, check_replicas=mode))  # noqa: B023
+                    t = barrier_timed(lambda: shardckpt.save(sd, path, check_replicas=mode))  # noqa: B023
                 else:
                     handles: list[Any] = []
-                    t = timed(lambda: handles.append(  # noqa: B023
+                    t = barrier_timed(lambda: handles.append(  # noqa: B023
                         shardckpt.async_save(sd, path, check_replicas=mode)))  # noqa: B023
                     handles[0].result()
                     dist.barrier()
@@ -91,11 +87,7 @@ def _worker(args: argparse.Namespace) -> None:
         if rank == 0:
             print(state_name, op, {m: [round(x, 3) for x in v] for m, v in times.items()}, file=sys.stderr, flush=True)
     shardckpt.close()
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(out, args.out)
 
 
 def main() -> None:
@@ -111,11 +103,8 @@ def main() -> None:
         return
     root = args.dir or tempfile.mkdtemp(prefix="bench_replicas_")
     out = os.path.join(root, "result.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, "--worker", "--gib", str(args.gib), "--repeats", str(args.repeats),
-           "--dir", root, "--out", out]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd, check=True, env=env)
+    torchrun(__file__, 2, ["--worker", "--gib", str(args.gib), "--repeats", str(args.repeats),
+                           "--dir", root, "--out", out], omp_threads=1, stdout=None)  # fmt: skip
     with open(out) as f:
         res = json.load(f)
     if not args.dir:

@@ -37,22 +37,28 @@ the ranks (sum) and for the moto server process, to show where the time goes.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # benchmark the checkout this file lives in
     sys.path.insert(0, _REPO)
 
-N_TENSORS = 16
-COLS = 1024
-SEED = 20240611
+from benchmarks._common import (  # noqa: E402
+    all_ranks,
+    finish_ranks,
+    machine,
+    quiet_warnings,
+    rank0_logger,
+    write_json,
+)
+from benchmarks._s3_launch import add_worker_flags, run_ranks_on_s3  # noqa: E402
+from benchmarks._state import COLS, N_TENSORS, key, make_state, rows_for, seeded_rows  # noqa: E402
+
 VARIANTS = ("shardckpt raw", "shardckpt auto", "DCP fsspec", "raw ceiling")
 # (title, ours, peer, op, target): throughput ratio ours / peer
 TARGETS = (
@@ -65,14 +71,7 @@ TARGETS = (
     ("shardckpt raw save / DCP save", "shardckpt raw", "DCP fsspec", "save", None),
     ("shardckpt auto save / DCP save", "shardckpt auto", "DCP fsspec", "save", None),
 )
-
-
-def rows_for(gib: float, ranks: int) -> int:
-    return max(int(round(gib * (1 << 30) / 4 / N_TENSORS / COLS)), ranks)
-
-
-def key(i: int) -> str:
-    return f"layers.{i:02d}.weight"
+Op = Callable[[dict[str, Any], str], Any]
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -87,63 +86,43 @@ def _proc_cpu_s(pid: int) -> float:
 # ---------------------------------------------------------------------------
 
 
-def worker(args: argparse.Namespace) -> None:
-    import warnings
-
-    import numpy as np
+def _state(mesh: Any, rows: int, zero: bool) -> dict[str, Any]:
+    """The state (weight-scaled ``randn * 0.02``), or zeros of its shape to load into."""
     import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
-    import shardckpt
-    from shardckpt import knobs
-    from tests.s3util import make_fs, storage_options_for
+    if zero:
+        return make_state(mesh, rows, lambda i, size, r: torch.zeros(size, COLS))
+    return make_state(mesh, rows, lambda i, size, r: seeded_rows(i, size, r).mul_(0.02))
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed.checkpoint")
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
-    opts = storage_options_for(args.endpoint)
-    fs = make_fs(opts)  # our own s3fs instance: ceiling I/O, sizes, deletes
+def _ceiling(fs: Any, rank: int) -> tuple[Op, Op]:
+    """The raw ceiling: one object per tensor, PUT in one parallel ``fs.pipe``, GET in one ``fs.cat``."""
+    import numpy as np
 
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(f"[bench_s3] {msg}", file=sys.stderr, flush=True)
-
-    def make_state(rows: int, zero: bool) -> dict[str, Any]:
-        fn = getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
-        size, _ = fn(rows, world, rank)
-        sd = {}
-        for i in range(N_TENSORS):
-            if zero:
-                local = torch.zeros(size, COLS)
-            else:
-                g = torch.Generator().manual_seed(SEED + 1000 * rank + i)
-                local = torch.randn(size, COLS, generator=g).mul_(0.02)
-            sd[key(i)] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
-                                            shape=torch.Size((rows, COLS)), stride=(COLS, 1))
-        return sd
-
-    def ceil_paths(url: str) -> list[str]:
+    def paths(url: str) -> list[str]:
         base = url.split("://", 1)[1]
         return [f"{base}/rank{rank}/{key(i)}" for i in range(N_TENSORS)]
 
-    def ceil_save(sd: dict[str, Any], url: str) -> None:
-        blobs = {p: sd[key(i)].to_local().numpy().tobytes() for i, p in enumerate(ceil_paths(url))}
-        fs.pipe(blobs)
+    def save(sd: dict[str, Any], url: str) -> None:
+        fs.pipe({p: sd[key(i)].to_local().numpy().tobytes() for i, p in enumerate(paths(url))})
 
-    def ceil_load(sd: dict[str, Any], url: str) -> None:
-        paths = ceil_paths(url)
-        got = fs.cat(paths)  # one parallel batch of whole-object GETs
-        for i, p in enumerate(paths):
+    def load(sd: dict[str, Any], url: str) -> None:
+        names = paths(url)
+        got = fs.cat(names)  # one parallel batch of whole-object GETs
+        for i, p in enumerate(names):
             sd[key(i)].to_local().numpy().reshape(-1).view(np.uint8)[:] = np.frombuffer(got.pop(p), np.uint8)
 
-    ops = {
+    return save, load
+
+
+def _ops(opts: dict[str, Any], fs: Any, rank: int) -> dict[str, tuple[Op, Op]]:
+    """variant -> (save, load), each ``fn(state_dict, url)``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    import shardckpt
+
+    return {
         "shardckpt raw": (
             lambda sd, u: shardckpt.save(sd, u, storage_options=opts, compression=None),
             lambda sd, u: shardckpt.load(sd, u, storage_options=opts)),
@@ -153,110 +132,130 @@ def worker(args: argparse.Namespace) -> None:
         "DCP fsspec": (
             lambda sd, u: dcp.save(sd, storage_writer=FsspecWriter(u, sync_files=False, **opts)),
             lambda sd, u: dcp.load(sd, storage_reader=FsspecReader(u, **opts))),
-        "raw ceiling": (ceil_save, ceil_load),
-    }
+        "raw ceiling": _ceiling(fs, rank),
+    }  # fmt: skip
+
+
+def _timed(fn: Op, sd: dict[str, Any], url: str, server_pid: int) -> dict[str, float]:
+    """Barrier-to-barrier seconds, and the CPU seconds of all ranks and of the moto server."""
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
 
     def cpu_now() -> tuple[float, float]:
-        return time.process_time(), _proc_cpu_s(args.server_pid) if rank == 0 else 0.0
+        return time.process_time(), _proc_cpu_s(server_pid) if rank == 0 else 0.0
 
-    def timed(fn: Any, sd: dict[str, Any], url: str) -> dict[str, float]:
-        dist.barrier()
-        c0, s0 = cpu_now()
-        t0 = time.perf_counter()
-        fn(sd, url)
-        dist.barrier()
-        t = time.perf_counter() - t0
-        c1, s1 = cpu_now()
-        cpu = torch.tensor([c1 - c0], dtype=torch.float64)
-        dist.all_reduce(cpu)
-        return {"s": t, "rank_cpu_s": float(cpu.item()), "server_cpu_s": s1 - s0}
+    dist.barrier()
+    c0, s0 = cpu_now()
+    t0 = time.perf_counter()
+    fn(sd, url)
+    dist.barrier()
+    t = time.perf_counter() - t0
+    c1, s1 = cpu_now()
+    cpu = torch.tensor([c1 - c0], dtype=torch.float64)
+    dist.all_reduce(cpu)
+    return {"s": t, "rank_cpu_s": float(cpu.item()), "server_cpu_s": s1 - s0}
 
-    def stored_and_delete(url: str) -> tuple[int, int, int]:
-        """Rank 0: (bytes, objects, largest) stored under ``url``, then delete them all."""
-        n = count = largest = 0
-        if rank == 0:
-            base = url.split("://", 1)[1]
-            bucket, prefix = base.split("/", 1)
-            fs.invalidate_cache()
-            found = fs.find(base, detail=True)
-            sizes = [int(d["size"]) for d in found.values()]
-            n, count, largest = sum(sizes), len(sizes), max(sizes, default=0)
-            if found:
-                fs.rm(list(found), recursive=False)
-            ups = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
-            for u in ups.get("Uploads") or []:
-                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-            fs.invalidate_cache()
-            if fs.find(base):
-                raise RuntimeError(f"{url}: objects left after delete")
-        dist.barrier()
-        return n, count, largest
 
-    def all_equal(dest: dict[str, Any], src: dict[str, Any]) -> bool:
-        ok = all(torch.equal(dest[k].to_local(), src[k].to_local()) for k in src)
-        t = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
+def _stored_and_delete(fs: Any, url: str) -> tuple[int, int, int]:
+    """Rank 0: (bytes, objects, largest) stored under ``url``, then delete them all."""
+    import torch.distributed as dist
 
-    # Untimed warm-up on a tiny state: every variant, save + load + check.
-    tiny_src, tiny_dst = make_state(8 * world, False), make_state(8 * world, True)
+    n = count = largest = 0
+    if dist.get_rank() == 0:
+        base = url.split("://", 1)[1]
+        bucket, prefix = base.split("/", 1)
+        fs.invalidate_cache()
+        found = fs.find(base, detail=True)
+        sizes = [int(d["size"]) for d in found.values()]
+        n, count, largest = sum(sizes), len(sizes), max(sizes, default=0)
+        if found:
+            fs.rm(list(found), recursive=False)
+        ups = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+        for u in ups.get("Uploads") or []:
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        fs.invalidate_cache()
+        if fs.find(base):
+            raise RuntimeError(f"{url}: objects left after delete")
+    dist.barrier()
+    return n, count, largest
+
+
+def _all_equal(dest: dict[str, Any], src: dict[str, Any]) -> bool:
+    import torch
+
+    return all_ranks(all(torch.equal(dest[k].to_local(), src[k].to_local()) for k in src))
+
+
+def _warm_up(ops: dict[str, tuple[Op, Op]], fs: Any, mesh: Any, bucket: str) -> None:
+    """Untimed, on a tiny state: every variant saves, loads and checks once."""
+    world = mesh.size()
+    tiny_src, tiny_dst = _state(mesh, 8 * world, False), _state(mesh, 8 * world, True)
     for v in VARIANTS:
-        url = f"s3://{args.bucket}/warmup-{v.replace(' ', '-')}"
+        url = f"s3://{bucket}/warmup-{v.replace(' ', '-')}"
         ops[v][0](tiny_src, url)
         ops[v][1](tiny_dst, url)
-        if not all_equal(tiny_dst, tiny_src):
+        if not _all_equal(tiny_dst, tiny_src):
             raise SystemExit(f"warm-up: {v} loaded wrong data")
-        stored_and_delete(url)
-    del tiny_src, tiny_dst
-    log("warm-up done")
+        _stored_and_delete(fs, url)
 
-    rows = rows_for(args.gib, world)
-    t_build = time.perf_counter()
-    src, dest = make_state(rows, False), make_state(rows, True)
-    log(f"built state [{N_TENSORS} x {rows}x{COLS}] fp32 ({time.perf_counter() - t_build:.1f}s)")
+
+def _rounds(args: argparse.Namespace, ops: dict[str, tuple[Op, Op]], fs: Any, src: dict[str, Any],
+            dest: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """``--warmup`` + ``--reps`` rounds of every variant: save, load, check, measure, delete."""
     res: dict[str, Any] = {v: {"save": [], "load": [], "warmup_save": [], "warmup_load": [],
                                "stored_bytes": [], "objects": 0, "largest_object": 0, "correct": True}
-                           for v in VARIANTS}
+                           for v in VARIANTS}  # fmt: skip
     for rep in range(args.warmup + args.reps):
         pre = "warmup_" if rep < args.warmup else ""
         for v in VARIANTS:
             url = f"s3://{args.bucket}/{v.replace(' ', '-')}-r{rep}"
             r = res[v]
-            r[pre + "save"].append(timed(ops[v][0], src, url))
+            r[pre + "save"].append(_timed(ops[v][0], src, url, args.server_pid))
             for t in dest.values():
                 t.to_local().zero_()
-            r[pre + "load"].append(timed(ops[v][1], dest, url))
-            ok = all_equal(dest, src)
+            r[pre + "load"].append(_timed(ops[v][1], dest, url, args.server_pid))
+            ok = _all_equal(dest, src)
             r["correct"] = r["correct"] and ok
-            stored, r["objects"], r["largest_object"] = stored_and_delete(url)
+            stored, r["objects"], r["largest_object"] = _stored_and_delete(fs, url)
             r["stored_bytes"].append(stored)
             log(f"{'warm-up' if pre else 'rep'} {rep} {v:14s} save {r[pre + 'save'][-1]['s']:7.2f}s  "
                 f"load {r[pre + 'load'][-1]['s']:7.2f}s  stored {stored / 1e9:.3f} GB  correct={ok}")
-    if rank == 0:
-        out = {"variants": res, "rows": rows, "world": world, "torch": torch.__version__,
-               "knobs": knobs.get().__dict__, "torch_threads": torch.get_num_threads()}
-        with open(args.out, "w") as f:
-            json.dump(out, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
+
+
+def worker(args: argparse.Namespace) -> None:
+    """This rank's part of the run; rank 0 writes every variant's times to ``--out``."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from shardckpt import knobs
+    from tests.s3util import make_fs, storage_options_for
+
+    quiet_warnings()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    opts = storage_options_for(args.endpoint)
+    fs = make_fs(opts)  # our own s3fs instance: ceiling I/O, sizes, deletes
+    ops = _ops(opts, fs, rank)
+    log = rank0_logger("bench_s3")
+    _warm_up(ops, fs, mesh, args.bucket)
+    log("warm-up done")
+    rows = rows_for(args.gib, world)
+    t_build = time.perf_counter()
+    src, dest = _state(mesh, rows, False), _state(mesh, rows, True)
+    log(f"built state [{N_TENSORS} x {rows}x{COLS}] fp32 ({time.perf_counter() - t_build:.1f}s)")
+    res = _rounds(args, ops, fs, src, dest, log)
+    finish_ranks({"variants": res, "rows": rows, "world": world, "torch": torch.__version__,
+                  "knobs": knobs.get().__dict__, "torch_threads": torch.get_num_threads()}, args.out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "nproc": aff, "cpu_count": os.cpu_count(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "python": sys.version.split()[0], "platform": platform.platform()}
 
 
 def _med(rows: list[dict[str, float]], field: str = "s") -> float:
@@ -344,11 +343,8 @@ def main() -> None:
                     help="untimed full-size rounds before the timed ones (default 1)")
     ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
-    ap.add_argument("--bucket", help=argparse.SUPPRESS)
+    add_worker_flags(ap)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -358,8 +354,6 @@ def main() -> None:
 
     import resource
 
-    from benchmarks._s3_launch import run_ranks_on_s3, write_json
-
     t0 = time.perf_counter()
     mach = machine()
     data = run_ranks_on_s3(__file__, args.ranks, ["--gib", repr(args.gib), "--reps", str(args.reps),
@@ -367,7 +361,7 @@ def main() -> None:
                            "bench-s3-")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = report(args, data, mach, time.perf_counter() - t0, rss)
-    write_json(result, args.json)
+    write_json(result, args.json, announce=sys.stdout)
     sys.exit(0 if result["all_correct"] else 1)
 
 

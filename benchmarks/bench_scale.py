@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import pickle
@@ -49,6 +48,8 @@ import numpy as np
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
+
+from benchmarks._common import write_json  # noqa: E402
 
 
 def llama7b_shapes() -> dict[str, tuple[int, ...]]:
@@ -282,10 +283,8 @@ def main() -> None:
         print(f"at 4096 ranks: plan+commit {got['plan+commit']:.2f}s (<= 3), load plan {got['load plan']:.3f}s "
               f"(<= 0.5), read+validate {got['read+validate']:.3f}s (<= 2), "
               f"{bpe['shardckpt']['4096']:.1f} B/entry (<= 64)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows_out, "bytes_per_entry": bpe, "slopes": slopes, "tensors": len(shapes),
-                       "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+    write_json({"rows": rows_out, "bytes_per_entry": bpe, "slopes": slopes, "tensors": len(shapes),
+                "date": time.strftime("%Y-%m-%d")}, args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

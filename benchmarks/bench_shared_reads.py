@@ -26,10 +26,7 @@ Target (issue 12, section 4): on S3, shared reads ≥ 1.6x faster than off.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,16 +36,64 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # benchmark the checkout this file lives in
     sys.path.insert(0, _REPO)
 
-N_TENSORS = 16
-COLS = 1024
+from benchmarks._common import all_ranks, finish_ranks, machine, rank0_logger, write_json  # noqa: E402
+from benchmarks._s3_launch import add_worker_flags, run_ranks_on_s3  # noqa: E402
+from benchmarks._state import COLS, N_TENSORS, rows_for  # noqa: E402
+
 SEED = 20241201
 MODES = ("on", "off")
 BACKENDS = ("s3", "local")
 TARGET_S3 = 1.6
 
 
-def rows_for(gib: float) -> int:
-    return max(int(round(gib * (1 << 30) / 4 / N_TENSORS / COLS)), 1)
+def _state(rows: int, zero: bool) -> dict[str, Any]:
+    """The replicated state (the same seed on every rank), or zeros of its shape."""
+    import torch
+
+    sd = {}
+    for i in range(N_TENSORS):
+        if zero:
+            sd[f"layers.{i:02d}.weight"] = torch.zeros(rows, COLS)
+        else:  # the same seed on every rank: replicas
+            g = torch.Generator().manual_seed(SEED + i)
+            sd[f"layers.{i:02d}.weight"] = torch.randn(rows, COLS, generator=g).mul_(0.02)
+    return sd
+
+
+def _all_equal(dest: dict[str, Any], src: dict[str, Any]) -> bool:
+    import torch
+
+    return all_ranks(all(torch.equal(dest[k], src[k]) for k in src))
+
+
+def _timed_load(dest: dict[str, Any], url: str, so: Any, mode: str) -> float:
+    import torch.distributed as dist
+
+    import shardckpt
+    from shardckpt import knobs
+
+    for t in dest.values():
+        t.zero_()
+    dist.barrier()
+    t0 = time.perf_counter()
+    with knobs.override(shared_reads=mode):
+        shardckpt.load(dest, url, storage_options=so)
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def _warm_up(urls: dict[str, tuple[str, Any]]) -> None:
+    """Untimed, on a tiny state: connections, imports, first calls of both modes."""
+    import shardckpt
+
+    tiny, tiny_dest = _state(4, False), _state(4, True)
+    for b in BACKENDS:
+        url, so = urls[b]
+        shardckpt.save(tiny, url + "-tiny", storage_options=so, compression=None)
+        for mode in MODES:
+            _timed_load(tiny_dest, url + "-tiny", so, mode)
+            if not _all_equal(tiny_dest, tiny):
+                raise SystemExit(f"warm-up: {b} shared_reads={mode} loaded wrong data")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -60,54 +105,13 @@ def worker(args: argparse.Namespace) -> None:
     from tests.s3util import storage_options_for
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    opts = storage_options_for(args.endpoint)
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(f"[bench_shared_reads] {msg}", file=sys.stderr, flush=True)
-
-    def make_state(rows: int, zero: bool) -> dict[str, Any]:
-        sd = {}
-        for i in range(N_TENSORS):
-            if zero:
-                sd[f"layers.{i:02d}.weight"] = torch.zeros(rows, COLS)
-            else:  # the same seed on every rank: replicas
-                g = torch.Generator().manual_seed(SEED + i)
-                sd[f"layers.{i:02d}.weight"] = torch.randn(rows, COLS, generator=g).mul_(0.02)
-        return sd
-
-    def all_equal(dest: dict[str, Any], src: dict[str, Any]) -> bool:
-        ok = all(torch.equal(dest[k], src[k]) for k in src)
-        t = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-
-    def timed_load(dest: dict[str, Any], url: str, so: Any, mode: str) -> float:
-        for t in dest.values():
-            t.zero_()
-        dist.barrier()
-        t0 = time.perf_counter()
-        with knobs.override(shared_reads=mode):
-            shardckpt.load(dest, url, storage_options=so)
-        dist.barrier()
-        return time.perf_counter() - t0
-
-    urls = {"s3": (f"s3://{args.bucket}/replicated", opts),
-            "local": (os.path.join(args.local_dir, "replicated"), None)}
-    # Untimed warm-up on a tiny state: connections, imports, first calls of both modes.
-    tiny, tiny_dest = make_state(4, False), make_state(4, True)
-    for b in BACKENDS:
-        url, so = urls[b]
-        shardckpt.save(tiny, url + "-tiny", storage_options=so, compression=None)
-        for mode in MODES:
-            timed_load(tiny_dest, url + "-tiny", so, mode)
-            if not all_equal(tiny_dest, tiny):
-                raise SystemExit(f"warm-up: {b} shared_reads={mode} loaded wrong data")
-    del tiny, tiny_dest
-
-    rows = rows_for(args.gib)
-    src, dest = make_state(rows, False), make_state(rows, True)
+    world = dist.get_world_size()
+    log = rank0_logger("bench_shared_reads")
+    urls = {"s3": (f"s3://{args.bucket}/replicated", storage_options_for(args.endpoint)),
+            "local": (os.path.join(args.local_dir, "replicated"), None)}  # fmt: skip
+    _warm_up(urls)
+    rows = rows_for(args.gib, 1)
+    src, dest = _state(rows, False), _state(rows, True)
     res: dict[str, Any] = {b: {m: {"load_s": [], "warmup_s": []} for m in MODES} for b in BACKENDS}
     correct = True
     for b in BACKENDS:
@@ -119,29 +123,14 @@ def worker(args: argparse.Namespace) -> None:
         for rep in range(args.warmup + args.reps):
             field = "warmup_s" if rep < args.warmup else "load_s"
             for mode in MODES:  # interleaved: on, off, on, off, ...
-                s = timed_load(dest, url, so, mode)
-                ok = all_equal(dest, src)
+                s = _timed_load(dest, url, so, mode)
+                ok = _all_equal(dest, src)
                 correct = correct and ok
                 res[b][mode][field].append(s)
                 log(f"{b} {'warm-up' if field == 'warmup_s' else 'rep'} {rep} shared_reads={mode}: "
                     f"{s:6.2f}s correct={ok}")
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"backends": res, "rows": rows, "world": world, "correct": correct,
-                       "torch": torch.__version__, "knobs": knobs.get().__dict__}, f)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return {"cpu": model, "nproc": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    finish_ranks({"backends": res, "rows": rows, "world": world, "correct": correct,
+                  "torch": torch.__version__, "knobs": knobs.get().__dict__}, args.out)  # fmt: skip
 
 
 def report(args: argparse.Namespace, data: dict[str, Any], mach: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -190,10 +179,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2, help="gloo ranks (default 2)")
     ap.add_argument("--local-dir", default=None, help="where the local checkpoint goes (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--endpoint", help=argparse.SUPPRESS)
-    ap.add_argument("--bucket", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_flags(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -201,15 +187,14 @@ def main() -> None:
     if args.gib <= 0 or args.reps < 1 or args.ranks < 2 or args.warmup < 0:
         ap.error("--gib must be positive, --reps >= 1, --ranks >= 2, --warmup >= 0")
 
-    from benchmarks._s3_launch import run_ranks_on_s3, write_json
-
     t0 = time.perf_counter()
-    mach = machine()
+    full = machine()
+    mach = {k: full[k] for k in ("cpu", "nproc", "python", "date")}  # this script's record
     data = run_ranks_on_s3(__file__, args.ranks, ["--gib", repr(args.gib), "--reps", str(args.reps),
                                                   "--warmup", str(args.warmup), "--local-dir", "{tmp}"],
                            "bench-shared-", tmp_dir=args.local_dir)
     result = report(args, data, mach, time.perf_counter() - t0)
-    write_json(result, args.json)
+    write_json(result, args.json, announce=sys.stdout)
     sys.exit(0 if result["all_correct"] else 1)
 
 

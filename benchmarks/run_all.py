@@ -29,11 +29,9 @@ method: contenders interleaved A B A B ..., medians, ratios from one run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a script: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import child_env, machine_info, package_version  # noqa: E402
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -66,78 +69,6 @@ FULL_SIZES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # Scripts that are not benchmarks of the engine (they write other documents).
 NOT_BENCHMARKS = frozenset({"reliability_report.py", "run_all.py", "plots.py"})
 TAIL_CHARS = 4000  # of a step's output kept in the results (JSON-less steps, failures)
-
-
-# ---------------------------------------------------------------------------
-# Machine
-# ---------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    """The CPU features our kernels dispatch on (the speed of CRC and codec depends on them)."""
-    want = ("avx2", "avx512f", "avx512vbmi", "vpclmulqdq", "pclmulqdq", "sse4_2")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [x for x in want if x in have]
-    except OSError:
-        pass
-    return []
-
-
-def _ram_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / (1 << 20), 1)
-    except OSError:
-        pass
-    return None
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:  # noqa: BLE001 - not installed, or no metadata: report as absent
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, cores, RAM, versions, date (UTC)."""
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = None
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "cores": os.cpu_count(),
-        "ram_gib": _ram_gib(),
-        "torch": torch_version,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "torch_checkpointing": _version("torch_checkpointing"),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +176,7 @@ def core_libs() -> tuple[list[str], dict[str, Any]]:
         libs.append("torch-ckpt")
         note.update(
             available=True,
-            version=_version("torch_checkpointing"),
+            version=package_version("torch_checkpointing"),
             config="CheckpointManager, SyncCheckpointSaverConfig, DefaultResharder, "
             "LocalFileSystemStorageConfig(use_direct_io=False)",
             why_no_direct_io="its O_DIRECT path fails on some filesystems; run buffered",
@@ -278,8 +209,7 @@ def _tail(text: str) -> str:
 
 def _run(cmd: list[str], timeout_s: float, log: Any) -> tuple[int | None, str, float]:
     """Run ``cmd`` with its output appended to ``log``; (exit status or None on timeout, tail, s)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     env.setdefault("MPLBACKEND", "Agg")
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
@@ -509,8 +439,6 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(merged, indent=1, sort_keys=False) + "\n")
         print(f"results: {results_path} ({new['wall_s']:.0f} s)")
     if not args.no_plots:
-        if str(REPO) not in sys.path:  # run as a script: make the package importable
-            sys.path.insert(0, str(REPO))
         from benchmarks import plots  # lazy: matplotlib is only needed for this part
 
         results = _load(results_path)

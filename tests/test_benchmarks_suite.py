@@ -1,15 +1,22 @@
 """The benchmark suite's own plumbing (``python -m benchmarks``): no benchmark runs here.
 
 Plots are drawn from a tiny synthetic results file shaped like what the scripts
-write with ``--json``; the runner's argument parsing, step selection and results
-merging are checked directly.
+write with ``--json``. What each figure shows is read back from its matplotlib
+axes (line data, bar heights, point labels) and compared with the values this
+file computes from the results itself, and with what ``plots.SERIES`` says the
+plot draws; a test draws from perturbed results to show the comparison fails
+when a plotted value is not the one in the results. The runner's argument
+parsing, step selection and results merging are checked directly.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,13 +27,18 @@ MACHINE = {"cpu_model": "Test CPU", "cpu_flags": ["avx512f"], "cores": 2, "ram_g
            "torch": "2.13.0+cpu", "date": "2026-12-01 16:00 UTC"}  # fmt: skip
 
 
+OPS = ("save", "load_same", "reshard_2to3")
+
+
 def _core_size(gib: float, scale: float) -> dict:
     gb = int(gib * (1 << 30))
     speeds = {"shardckpt": 3.0, "dcp": 2.0, "torch-save": 2.5, "torch-ckpt": 1.5}
-    ops = {op: {lib: {"median_s": gb / (v * scale * 1e9), "gbps": v * scale}
+    ops = {op: {lib: {"median_s": gb / (v * scale * (1 + k / 10) * 1e9), "gbps": v * scale * (1 + k / 10)}
                 for lib, v in speeds.items()}
-           for op in ("save", "load_same", "reshard_2to3")}  # fmt: skip
-    return {"gib": gib, "global_bytes": gb, "libs": list(speeds), "ops": ops, "ratios": {}}
+           for k, op in enumerate(OPS)}  # fmt: skip
+    ratios = {op: {"shardckpt/dcp": ops[op]["dcp"]["median_s"] / ops[op]["shardckpt"]["median_s"]}
+              for op in OPS}  # fmt: skip
+    return {"gib": gib, "global_bytes": gb, "libs": list(speeds), "ops": ops, "ratios": ratios}
 
 
 def synthetic_results() -> dict:
@@ -45,8 +57,9 @@ def synthetic_results() -> dict:
             "core": {**entry, "data": {"sizes": [_core_size(0.25, 1.0), _core_size(0.5, 1.1)],
                                        "torch_checkpointing": {"available": True}}},  # fmt: skip
             "async": {**entry, "data": {"rows": [
-                {"size_bytes": s << 28, "ranks": 2, "stall_s": 0.02 * s, "memcpy_s": 0.015 * s,
-                 "ratio": 1.33} for s in (1, 2, 4)]}},  # fmt: skip
+                {"size_bytes": s << 28, "ranks": 2, "stall_s": 0.02 * s + 0.001 * s * s,
+                 "memcpy_s": 0.015 * s, "torch_copy_s": 0.03 * s,
+                 "ratio": (0.02 + 0.001 * s) / 0.015} for s in (1, 2, 4)]}},  # fmt: skip
             "codec": {**entry, "data": codec},
             "scale": {**entry, "data": {"rows": rows, "bytes_per_entry": {"shardckpt": 40.0},
                                         "slopes": {}}},  # fmt: skip
@@ -78,6 +91,166 @@ def test_plots_from_synthetic_results(tmp_path: Path) -> None:
     for png in tmp_path.glob("*.png"):
         with Image.open(png) as im:
             im.load()
+
+
+# ---------------------------------------------------------------------------
+# What the plots show, against results.json
+# ---------------------------------------------------------------------------
+
+
+def _draw(results: dict, out_dir: Path, monkeypatch) -> dict[str, Any]:
+    """Draw every plot; plot name -> its figure, kept as it was handed over to be saved."""
+    from benchmarks import plots
+
+    figs: dict[str, Any] = {}
+    finish = plots._finish
+
+    def keep(fig, axes, entry, res, path, note=None):
+        figs[path.stem] = fig
+        finish(fig, axes, entry, res, path, note)
+
+    monkeypatch.setattr(plots, "_finish", keep)
+    report = plots.plot_all(results, out_dir)
+    assert all(msg.startswith("wrote") for msg in report.values()), report
+    return figs
+
+
+def _lines(ax: Any) -> dict[str, tuple[list[float], list[float]]]:
+    return {ln.get_label(): ([float(x) for x in ln.get_xdata()], [float(y) for y in ln.get_ydata()])
+            for ln in ax.get_lines()}  # fmt: skip
+
+
+def _bars(ax: Any) -> dict[str, list[float]]:
+    return {c.get_label(): [float(p.get_height()) for p in c.patches] for c in ax.containers}
+
+
+def _notes(ax: Any) -> dict[tuple[float, float], str]:
+    """Point labels (annotations) by the data point they label."""
+    from matplotlib.text import Annotation
+
+    return {(float(t.xy[0]), float(t.xy[1])): t.get_text() for t in ax.texts if isinstance(t, Annotation)}
+
+
+def _expected(results: dict) -> dict[str, list[dict]]:
+    """What each plot must show, per axes, computed here from ``results`` alone."""
+    from benchmarks.plots import LABELS
+
+    b = results["benchmarks"]
+    sizes = sorted(b["core"]["data"]["sizes"], key=lambda s: s["global_bytes"])
+    gib = [s["global_bytes"] / (1 << 30) for s in sizes]
+    throughput = [{
+        "lines": {LABELS[lib]: (gib, [s["ops"][op][lib]["gbps"] for s in sizes]) for lib in sizes[0]["ops"][op]},
+        "notes": {(x, s["ops"][op]["shardckpt"]["gbps"]): f"{s['ratios'][op]['shardckpt/dcp']:.2f}x DCP"
+                  for x, s in zip(gib, sizes)},
+    } for op in OPS]  # fmt: skip
+    rows = sorted(b["async"]["data"]["rows"], key=lambda r: r["size_bytes"])
+    xs = [r["size_bytes"] / (1 << 30) for r in rows]
+    stall = [{"lines": {
+        "shardckpt 2nd+ stall, 2 ranks": (xs, [r["stall_s"] for r in rows]),
+        "torch.Tensor.copy_ of the same bytes": (xs, [r["torch_copy_s"] for r in rows]),
+        "memcpy floor (same bytes, reused buffers, 2 ranks at once)": (xs, [r["memcpy_s"] for r in rows]),
+    }, "notes": {(x, r["stall_s"]): f"{r['ratio']:.2f}x" for x, r in zip(xs, rows)}}]  # fmt: skip
+    c = b["codec"]["data"]
+    sets = ("minilm-fp32", "minilm-bf16", "minilm-fp16")
+    codec = [{"bars": {"shardckpt byte-grouped zstd": [c[d]["ours-L1"]["ratio"] for d in sets],
+                       "plain zstd -1": [c[d]["zstd-1"]["ratio"] for d in sets],
+                       "order-0 entropy bound (byte planes)": [c[d]["bound"]["ratio"] for d in sets]}},
+             {"bars": {f"{who} {what}": [c[d][name][field] for d in sets]
+                       for name, who in (("ours-L1", "shardckpt"), ("zstd-1", "zstd -1"))
+                       for field, what in (("enc_gbs", "encode"), ("dec_gbs", "decode"))}}]  # fmt: skip
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for r in sorted(b["scale"]["data"]["rows"], key=lambda r: r["ranks"]):
+        pts = curves.setdefault(f"{r['lib']}: {r['phase']}", ([], []))
+        pts[0].append(float(r["ranks"]))
+        pts[1].append(r["seconds"])
+    return {"throughput": throughput, "async_stall": stall, "codec": codec, "scale": [{"lines": curves}]}
+
+
+def _close(got: list[float], want: list[float], what: str) -> None:
+    assert len(got) == len(want) and all(math.isclose(g, w, rel_tol=1e-12) for g, w in zip(got, want)), \
+        f"{what}: plotted {got}, results.json says {want}"
+
+
+def _check_figure(name: str, fig: Any, expected: list[dict]) -> None:
+    """Assert that ``fig`` shows exactly ``expected`` (per axes: lines, bars, point labels)."""
+    assert len(fig.axes) == len(expected), f"{name}: {len(fig.axes)} axes"
+    for i, (ax, want) in enumerate(zip(fig.axes, expected)):
+        if "lines" in want:
+            # the scale plot's labels carry a fitted slope: compare up to it
+            got = {label.split(" (slope")[0]: xy for label, xy in _lines(ax).items()}
+            assert set(got) == set(want["lines"]), f"{name}[{i}]: lines {sorted(got)}"
+            for label, (wx, wy) in want["lines"].items():
+                _close(got[label][0], wx, f"{name}[{i}] {label} x")
+                _close(got[label][1], wy, f"{name}[{i}] {label} y")
+        if "bars" in want:
+            got_bars = _bars(ax)
+            assert set(got_bars) == set(want["bars"]), f"{name}[{i}]: bars {sorted(got_bars)}"
+            for label, heights in want["bars"].items():
+                _close(got_bars[label], heights, f"{name}[{i}] {label}")
+        if "notes" in want:
+            assert _notes(ax) == want["notes"], f"{name}[{i}]: point labels"
+
+
+def test_plots_show_the_values_of_results_json(tmp_path: Path, monkeypatch) -> None:
+    results = synthetic_results()
+    expected = _expected(results)
+    figs = _draw(results, tmp_path, monkeypatch)
+    assert set(figs) == set(expected)
+    for name, fig in figs.items():
+        _check_figure(name, fig, expected[name])
+
+
+def test_plots_draw_exactly_their_series(tmp_path: Path, monkeypatch) -> None:
+    """``plots.SERIES[name](results)`` is what plot ``name`` draws: same lines, bars and positions."""
+    from benchmarks import plots
+
+    results = synthetic_results()
+    figs = _draw(results, tmp_path, monkeypatch)
+    for name, fig in figs.items():
+        panels = list(plots.SERIES[name](results).values())
+        assert len(panels) == len(fig.axes)
+        for ax, series in zip(fig.axes, panels):
+            if ax.containers:  # bars: heights and centres
+                drawn = [(c.get_label(), [p.get_x() + p.get_width() / 2 for p in c.patches],
+                          [p.get_height() for p in c.patches]) for c in ax.containers]  # fmt: skip
+            else:
+                drawn = [(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()]
+            assert len(drawn) == len(series)
+            for (label, xs, ys), s in zip(drawn, series):
+                assert label == s.label
+                _close(xs, s.xs, f"{name} {label} x")
+                _close(ys, s.ys, f"{name} {label} y")
+
+
+# One plotted value changed per plot: (plot, path to it in results, new value).
+PERTURB = [
+    ("throughput", ("core", "sizes", 1, "ops", "reshard_2to3", "dcp", "gbps"), 9.75),
+    ("async_stall", ("async", "rows", 1, "memcpy_s"), 0.5),
+    ("codec", ("codec", "minilm-bf16", "zstd-1", "dec_gbs"), 4.25),
+    ("scale", ("scale", "rows", 5, "seconds"), 3.5),
+]
+
+
+@pytest.mark.parametrize(("plot", "path", "value"), PERTURB, ids=[p[0] for p in PERTURB])
+def test_a_wrong_plotted_value_fails_the_check(tmp_path: Path, monkeypatch, plot: str, path: tuple,
+                                               value: float) -> None:  # fmt: skip
+    """Draw from results with one value changed: the check against the original results fails
+    for that plot, and only that one (so the check above can fail, and fails for the right plot)."""
+    results = synthetic_results()
+    changed = copy.deepcopy(results)
+    where: Any = changed["benchmarks"][path[0]]["data"]
+    for k in path[1:-1]:
+        where = where[k]
+    assert where[path[-1]] != value
+    where[path[-1]] = value
+    expected = _expected(results)
+    figs = _draw(changed, tmp_path, monkeypatch)
+    for name, fig in figs.items():
+        if name == plot:
+            with pytest.raises(AssertionError):
+                _check_figure(name, fig, expected[name])
+        else:
+            _check_figure(name, fig, expected[name])
 
 
 def test_plots_skip_missing_and_unready_steps(tmp_path: Path) -> None:
