@@ -18,6 +18,7 @@ from shardckpt.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
+from tests.helpers import assert_state_equal, blank_like
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128]
@@ -34,33 +35,13 @@ def _sample(dtype, shape, seed=0):
     return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g, dtype=torch.int64).to(dtype)
 
 
-def _like_zero(sd):
-    if isinstance(sd, dict):
-        return {k: _like_zero(v) for k, v in sd.items()}
-    if isinstance(sd, torch.Tensor):
-        return torch.zeros_like(sd)
-    return None
-
-
-def _assert_equal(a, b, key="root"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), key
-        for k in a:
-            _assert_equal(a[k], b[k], f"{key}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, key
-        assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b), key
-    else:
-        assert type(a) is type(b) and a == b, (key, a, b)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_round_trip_every_dtype(tmp_path, small_chunks, dtype):
     sd = {"t": _sample(dtype, (37, 5)), "scalar": _sample(dtype, ()), "empty": _sample(dtype, (0, 4))}
     shardckpt.save(sd, tmp_path / "c")
-    out = _like_zero(sd)
+    out = blank_like(sd)
     shardckpt.load(out, tmp_path / "c")
-    _assert_equal(sd, out)
+    assert_state_equal(out, sd, bitwise=True)
 
 
 def test_round_trip_values_views_and_nesting(tmp_path, small_chunks):
@@ -73,7 +54,7 @@ def test_round_trip_values_views_and_nesting(tmp_path, small_chunks):
     }
     assert not sd["model"]["w"].is_contiguous()
     shardckpt.save(sd, tmp_path / "c")
-    out = {"model": _like_zero(sd["model"]), "step": 0, "lr": 0.0, "name": "", "flag": False, "none": 1,
+    out = {"model": blank_like(sd["model"]), "step": 0, "lr": 0.0, "name": "", "flag": False, "none": 1,
            "hist": [0, 0, 0, 0, {"k": [False]}], "cfg": {"layers": 0, "act": ""}, "raw": b"", "tup": (0, ""),
            "big_list": [0] * 5000}
     shardckpt.load(out, tmp_path / "c")
@@ -81,7 +62,7 @@ def test_round_trip_values_views_and_nesting(tmp_path, small_chunks):
         assert torch.equal(out["model"][k], sd["model"][k])
     assert torch.equal(out["model"]["nan"].view(torch.int32), sd["model"]["nan"].view(torch.int32))
     for k in ("step", "lr", "name", "flag", "none", "hist", "cfg", "raw", "tup", "big_list"):
-        _assert_equal(sd[k], out[k], k)
+        assert_state_equal(out[k], sd[k], k, bitwise=True)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     entries = manifest["body"]["entries"]
     assert entries["step"]["encoding"] == "json" and entries["step"]["value"] == 12

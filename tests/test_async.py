@@ -14,6 +14,7 @@ import torch
 import shardckpt
 from shardckpt.dcp.writer import ShardckptWriter
 from shardckpt.errors import CheckpointWriteError, SaveInProgressError
+from tests.helpers import assert_state_equal
 
 
 @pytest.fixture
@@ -49,16 +50,6 @@ def _clone(sd):
     return {k: _clone(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v for k, v in sd.items()}
 
 
-def _assert_same(a, b):
-    for k in a:
-        if isinstance(a[k], dict):
-            _assert_same(a[k], b[k])
-        elif isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
 @pytest.mark.parametrize("budget", [None, 4096])
 def test_checkpoint_holds_values_at_call_time(tmp_path, ckpt, budget):
     sd = _state()
@@ -72,7 +63,7 @@ def test_checkpoint_holds_values_at_call_time(tmp_path, ckpt, budget):
     sd["hist"][0] = -1.0
     h.result()
     assert h.done()
-    _assert_same(expected, _load(tmp_path / "c"))
+    assert_state_equal(_load(tmp_path / "c"), expected)
     shardckpt.verify(tmp_path / "c")
 
 

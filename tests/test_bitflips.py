@@ -39,6 +39,7 @@ from shardckpt.format.manifest import (
 )
 from shardckpt.native.crc32c import crc32c
 from tests.figures import record
+from tests.helpers import blank_like, mixed_state, states_equal
 
 CHUNK = 1024
 # Cases per (compression, target, kind) in the default run; the slow run adds more.
@@ -49,39 +50,16 @@ Place = tuple[str, str, int]  # (file, key, chunk index)
 
 
 def _state() -> dict:
-    g = torch.Generator().manual_seed(11)
-    return {
-        "w": torch.randn(64, 32, generator=g),
-        "i": torch.arange(1000, dtype=torch.int64) % 7,
-        "h": torch.randn(300, generator=g).to(torch.bfloat16),
-        "step": 7,
-        "blob": bytes(range(256)) * 12,
-        "tup": (1, 2.5, "a"),
-    }
+    return mixed_state(11, w=(64, 32), ints=1000, mod=7, halves=300, step=7, blob=bytes(range(256)) * 12,
+                       tup=(1, 2.5, "a"))
 
 
 def _blank() -> dict:
-    return {
-        "w": torch.zeros(64, 32),
-        "i": torch.zeros(1000, dtype=torch.int64),
-        "h": torch.zeros(300, dtype=torch.bfloat16),
-        "step": 0,
-        "blob": b"",
-        "tup": None,
-    }
+    return blank_like(_state(), {"step": 0, "blob": b""})
 
 
 def _same(a: dict, b: dict) -> bool:
-    for k, v in a.items():
-        w = b[k]
-        if isinstance(v, torch.Tensor):
-            if not (isinstance(w, torch.Tensor) and v.dtype == w.dtype and v.shape == w.shape
-                    and torch.equal(v.view(torch.uint8) if v.dtype != torch.bool else v,
-                                    w.view(torch.uint8) if w.dtype != torch.bool else w)):
-                return False
-        elif v != w or type(v) is not type(w):
-            return False
-    return True
+    return states_equal(a, b, bitwise=True)
 
 
 def _blobs(m: Manifest) -> list[tuple[str, BlobRef]]:

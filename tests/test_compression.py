@@ -10,6 +10,7 @@ import shardckpt
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.manifest import _canonical
 from shardckpt.native.crc32c import crc32c
+from tests.helpers import assert_state_equal, blank_like
 
 
 def _state():
@@ -28,14 +29,6 @@ def _state():
     }
 
 
-def _zeros(sd):
-    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in sd.items()}
-
-
-def _bytes(t):
-    return t.reshape(-1).view(torch.uint8)
-
-
 @pytest.mark.parametrize("compression", ["zstd", shardckpt.Compression(level=1, threads=1),
                                           shardckpt.Compression(byte_group=False, threads=3)])
 def test_round_trip_is_exact_and_smaller(tmp_path, compression):
@@ -43,11 +36,9 @@ def test_round_trip_is_exact_and_smaller(tmp_path, compression):
     with shardckpt.knobs.override(chunk_bytes=16 << 10):
         shardckpt.save(sd, tmp_path / "z", compression=compression)
         shardckpt.save(sd, tmp_path / "r")
-    out = _zeros(sd)
+    out = blank_like(sd, {"n": 0})
     shardckpt.load(out, tmp_path / "z")
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(_bytes(out[k]), _bytes(v)), k
+    assert_state_equal(out, sd, bitwise=True)
     size = lambda p: sum(os.path.getsize(os.path.join(p, "data", f)) for f in os.listdir(p / "data"))  # noqa: E731
     assert size(tmp_path / "z") < 0.8 * size(tmp_path / "r")
     codecs = {c[0] for e in json.loads((tmp_path / "z" / "manifest.json").read_text())["body"]["entries"].values()
@@ -123,10 +114,9 @@ def test_async_save_with_compression(tmp_path):
             if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
                 v.mul_(2)
         h.result()
-    out = _zeros(sd)
+    out = blank_like(sd, {"n": 0})
     shardckpt.load(out, tmp_path / "a")
-    ref = _state()
-    assert all(torch.equal(_bytes(out[k]), _bytes(ref[k])) for k in ref if isinstance(ref[k], torch.Tensor))
+    assert_state_equal(out, _state(), bitwise=True)
 
 
 def test_bad_compression_argument():

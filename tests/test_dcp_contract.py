@@ -37,6 +37,7 @@ from shardckpt.format.manifest import (
 )
 from shardckpt.format.objects import decode_object
 from tests.figures import record
+from tests.helpers import assert_state_equal
 from tests.multiproc import run_multiprocess
 
 
@@ -71,25 +72,6 @@ def _target() -> dict:
     }
 
 
-def _assert_same(want, got, path="") -> None:
-    if isinstance(want, dict):
-        assert set(want) == set(got), path
-        for k in want:
-            _assert_same(want[k], got[k], f"{path}.{k}")
-    elif isinstance(want, list):
-        assert len(want) == len(got), path
-        for i, (a, b) in enumerate(zip(want, got)):
-            _assert_same(a, b, f"{path}[{i}]")
-    elif isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape, path
-        assert torch.equal(got, want), path
-    elif isinstance(want, io.BytesIO):
-        assert type(got) is io.BytesIO, path
-        assert (got.getvalue(), got.tell()) == (want.getvalue(), want.tell()), path
-    else:
-        assert type(got) is type(want) and got == want, path
-
-
 # ---------------------------------------------------------------- one process
 
 _ROUTES = ["shardckpt", "shardckpt_async", "dcp", "dcp_async"]
@@ -117,7 +99,7 @@ def test_every_value_kind_round_trips(tmp_path, save_route, load_route):
     else:
         planner = SafeLoadPlanner() if load_route == "dcp_safe" else None
         dcp.load(got, storage_reader=ShardckptReader(tmp_path / "c"), planner=planner)
-    _assert_same(_state(), got)
+    assert_state_equal(got, _state())
     assert got["losses"] is losses  # written into the state_dict's own BytesIO
     record("dcp contract", cases=1, failed=0)
 
@@ -326,7 +308,7 @@ def _two_ranks(rank: int, world_size: int, root: str) -> None:
     def check(v: float, got: dict) -> None:
         want = state(v)
         assert torch.equal(got.pop("dt").full_tensor(), want.pop("dt").full_tensor())
-        _assert_same(want, got)
+        assert_state_equal(got, want)
 
     writer = ShardckptWriter(f"{root}/a")
     reader = ShardckptReader(f"{root}/a")

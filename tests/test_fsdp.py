@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.helpers import assert_state_equal
 from tests.multiproc import run_multiprocess
 
 IN, HIDDEN, OUT = 13, 17, 5  # odd sizes: uneven FSDP shards at 2 and 3 ranks
@@ -82,23 +83,6 @@ def _save_worker(rank: int, world_size: int, kind: str, path: str, ref: str) -> 
         torch.save({"model": full_msd, "optim": full_osd}, ref)
 
 
-def _assert_same(got, want, where: str) -> None:
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), (where, sorted(got), sorted(want))
-        for k in want:
-            _assert_same(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, (list, tuple)):
-        assert type(got) is type(want) and len(got) == len(want), (where, got, want)
-        for i, (a, b) in enumerate(zip(got, want)):
-            _assert_same(a, b, f"{where}[{i}]")
-    elif isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor), (where, type(got))
-        assert got.dtype == want.dtype and got.shape == want.shape, (where, got.dtype, got.shape, want.shape)
-        assert torch.equal(got, want), where
-    else:
-        assert got == want, (where, got, want)
-
-
 def _load_worker(rank: int, world_size: int, kind: str, path: str, ref: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -115,8 +99,8 @@ def _load_worker(rank: int, world_size: int, kind: str, path: str, ref: str) -> 
     full_msd, full_osd = _full_state(model, optim)
     if rank == 0:
         want = torch.load(ref, weights_only=True)
-        _assert_same(full_msd, want["model"], "model")
-        _assert_same(full_osd, want["optim"], "optim")
+        assert_state_equal(full_msd, want["model"], "model")
+        assert_state_equal(full_osd, want["optim"], "optim")
         for fqn, st in want["optim"]["state"].items():
             assert set(st) >= {"step", "exp_avg", "exp_avg_sq"}, (fqn, sorted(st))
             assert int(st["step"]) == STEPS, (fqn, st["step"])

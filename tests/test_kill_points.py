@@ -47,6 +47,7 @@ from shardckpt.errors import ShardckptError
 from shardckpt.store import step_dirname
 from tests import faultstore
 from tests.figures import record
+from tests.helpers import blank_like, states_equal
 
 CHUNK_BYTES = 512
 SEED = 20261201
@@ -65,20 +66,12 @@ def make_state(seed: int) -> dict[str, Any]:
 
 
 def blank_state() -> dict[str, Any]:
-    return {"w0": torch.zeros(40, 8), "w1": torch.zeros(300), "w2": torch.zeros(64, 5, dtype=torch.int64),
-            "w3": torch.zeros(310), "n": -1, "tag": ""}
+    return blank_like(make_state(0), {"n": -1, "tag": ""})
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Bitwise equality of two states."""
-    for k, v in a.items():
-        w = b[k]
-        if isinstance(v, torch.Tensor):
-            if v.dtype != w.dtype or v.shape != w.shape or not torch.equal(v.view(torch.uint8), w.view(torch.uint8)):
-                return False
-        elif v != w:
-            return False
-    return a.keys() == b.keys()
+    return states_equal(a, b, bitwise=True)
 
 
 A, B, C, D = (make_state(s) for s in (1, 2, 3, 4))

@@ -60,6 +60,7 @@ from shardckpt.format.manifest import (
 )
 from shardckpt.native.crc32c import crc32c
 from tests.figures import record
+from tests.helpers import blank_like, mixed_state
 
 # Reproducible: a fixed seed per test (hypothesis.seed), no example database.
 _COMMON = dict(deadline=None, derandomize=False, database=None, print_blob=False,
@@ -337,15 +338,11 @@ def test_mutations_reach_the_validator():
 
 
 def _state() -> dict:
-    g = torch.Generator().manual_seed(4)
-    return {"w": torch.randn(16, 16, generator=g), "i": torch.arange(300, dtype=torch.int64) % 5,
-            "h": torch.randn(40, generator=g).to(torch.bfloat16), "step": 3, "blob": b"\x01" * 700,
-            "tup": (1, "a")}
+    return mixed_state(4, w=(16, 16), ints=300, mod=5, halves=40, step=3, blob=b"\x01" * 700, tup=(1, "a"))
 
 
 def _blank() -> dict:
-    return {"w": torch.zeros(16, 16), "i": torch.zeros(300, dtype=torch.int64),
-            "h": torch.zeros(40, dtype=torch.bfloat16), "step": 0, "blob": b"", "tup": None}
+    return blank_like(_state(), {"step": 0, "blob": b""})
 
 
 @pytest.fixture(scope="module")

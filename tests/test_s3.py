@@ -15,6 +15,7 @@ import torch
 
 import shardckpt
 from shardckpt import knobs
+from tests.helpers import assert_state_equal, blank_like
 from tests.multiproc import run_multiprocess
 from tests.s3util import list_multipart_uploads, list_objects
 
@@ -28,16 +29,7 @@ def _state(seed: int = 0, n: int = 50_000) -> dict:
 
 
 def _zeros_like(sd: dict) -> dict:
-    return {"w": torch.zeros_like(sd["w"]), "b": torch.zeros_like(sd["b"]), "step": -1, "cfg": {"lr": 0.0}}
-
-
-def _assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
+    return blank_like(sd, {"step": -1, "lr": 0.0})
 
 
 def _keys(endpoint, bucket: str, prefix: str = "") -> list[str]:
@@ -52,7 +44,7 @@ def test_round_trip_with_storage_options(s3_bucket):
     assert not any(k.endswith(".probe") for k in keys)
     out = _zeros_like(sd)
     shardckpt.load(out, url, storage_options=opts)
-    _assert_equal(out, sd)
+    assert_state_equal(out, sd)
     report = shardckpt.verify(url, storage_options=opts)
     assert report.chunks >= 1 and report.bytes_checked > 0
     # compression="auto" chooses zstd on a remote backend
@@ -67,7 +59,7 @@ def test_round_trip_with_environment_credentials(s3_bucket, monkeypatch):
     shardckpt.save(sd, url)
     out = _zeros_like(sd)
     shardckpt.load(out, url)
-    _assert_equal(out, sd)
+    assert_state_equal(out, sd)
 
 
 def test_large_shard_goes_up_in_parallel_parts(s3_bucket, fault_proxy):
@@ -108,7 +100,7 @@ def test_transient_faults_are_retried(s3_bucket, fault_proxy, kind, n):
         shardckpt.load(out, url, storage_options=opts)
         shardckpt.verify(url, storage_options=opts)
     assert fault_proxy.faults >= 3
-    _assert_equal(out, sd)
+    assert_state_equal(out, sd)
 
 
 def test_permanent_denial_is_typed_and_keeps_the_earlier_checkpoint(s3_bucket, fault_proxy):
@@ -125,7 +117,7 @@ def test_permanent_denial_is_typed_and_keeps_the_earlier_checkpoint(s3_bucket, f
         shardckpt.load(_zeros_like(_state()), f"{root}/b", storage_options=opts)
     out = _zeros_like(_state())
     shardckpt.load(out, f"{root}/a", storage_options=opts)
-    _assert_equal(out, _state(0))
+    assert_state_equal(out, _state(0))
 
 
 def test_denied_read_is_a_typed_read_error_naming_the_object(s3_bucket, fault_proxy):
@@ -167,7 +159,7 @@ def test_deleted_manifest_is_incomplete_then_resave_works(s3_bucket):
     assert len(data) == 1  # only the new save's shard
     out = _zeros_like(_state())
     shardckpt.load(out, url, storage_options=opts)
-    _assert_equal(out, _state(3))
+    assert_state_equal(out, _state(3))
 
 
 def test_committed_path_fails_closed_and_overwrite_swaps_atomically(s3_bucket):
@@ -181,7 +173,7 @@ def test_committed_path_fails_closed_and_overwrite_swaps_atomically(s3_bucket):
     assert set(old).isdisjoint(new) and len(new) == 1  # new save id, old shards deleted after
     out = _zeros_like(_state())
     shardckpt.load(out, url, storage_options=opts)
-    _assert_equal(out, _state(1))
+    assert_state_equal(out, _state(1))
 
 
 _KILLED_SAVER = textwrap.dedent("""
@@ -215,12 +207,12 @@ def test_kill_mid_upload_leaves_incomplete_and_next_save_cleans(s3_bucket, tmp_p
         shardckpt.load({"big": torch.zeros(1)}, f"{root}/torn", storage_options=opts)
     out = _zeros_like(_state())
     shardckpt.load(out, f"{root}/good", storage_options=opts)
-    _assert_equal(out, _state(0))
+    assert_state_equal(out, _state(0))
     shardckpt.save(_state(5), f"{root}/torn", storage_options=opts)  # cleans the leftovers
     assert list_multipart_uploads(s3_bucket.endpoint, s3_bucket.name, "kill/torn/") == []
     out = _zeros_like(_state())
     shardckpt.load(out, f"{root}/torn", storage_options=opts)
-    _assert_equal(out, _state(5))
+    assert_state_equal(out, _state(5))
 
 
 def _save_2(rank, world, url, opts):
@@ -282,7 +274,7 @@ def test_manager_on_s3_keeps_last_and_falls_back_past_corrupt(s3_bucket):
 
         h = Holder()
         assert mgr.restore(h) == 2
-    _assert_equal(h.sd, _state(2))
+    assert_state_equal(h.sd, _state(2))
     assert "mgr/.shardckpt-owner" not in _keys(s3_bucket.endpoint, s3_bucket.name)
 
 

@@ -25,6 +25,7 @@ from shardckpt import knobs
 from shardckpt.backends import register_backend
 from shardckpt.backends.local import LocalStorage
 from shardckpt.io.shared_reads import RankInfo, SharedPlan, plan_shared_reads
+from tests.helpers import assert_state_equal, blank_like
 from tests.multiproc import run_multiprocess
 
 # ----------------------------------------------------------------------------- counting backend
@@ -204,20 +205,6 @@ def _ddp_state(seed: int = 0) -> dict[str, Any]:
             "mask": torch.rand(123, generator=g) > 0.5, "step": 11}
 
 
-def _zeros(sd: dict[str, Any]) -> dict[str, Any]:
-    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in sd.items()}
-
-
-def _equal(a: dict[str, Any], b: dict[str, Any]) -> None:
-    for k, v in b.items():
-        if isinstance(v, torch.Tensor):
-            got = a[k].to_local() if hasattr(a[k], "to_local") else a[k]
-            want = v.to_local() if hasattr(v, "to_local") else v
-            assert got.dtype == want.dtype and torch.equal(got, want), k
-        else:
-            assert a[k] == v, k
-
-
 def _ddp_worker(rank: int, world: int, root: str) -> None:
     _install()
     sd = _ddp_state()  # the same on every rank: DDP replicas
@@ -226,10 +213,10 @@ def _ddp_worker(rank: int, world: int, root: str) -> None:
         shardckpt.save(sd, url, compression=None)
         _reads_everywhere()
         for mode, times in (("on", 1), ("off", world), ("on", 1)):
-            out = _zeros(sd)
+            out = blank_like(sd)
             with knobs.override(shared_reads=mode):
                 shardckpt.load(out, url)
-            _equal(out, sd)
+            assert_state_equal(out, sd)
             assert _reads_everywhere() == times * _nbytes(sd), mode
 
 
@@ -258,19 +245,19 @@ def _replicate_worker(rank: int, world: int, root: str) -> None:
         out = {"r": distribute_tensor(torch.zeros(100, 50, dtype=torch.float64), mesh, [Replicate()]),
                "plain": torch.zeros(999, dtype=torch.int64)}
         shardckpt.load(out, url)
-        _equal(out, sd)
+        assert_state_equal(out, sd)
         assert _reads_everywhere() == _nbytes({"r": full, "plain": sd["plain"]})
         # Through DCP with our reader and its default planner (DCP's default group)
         out = {"r": distribute_tensor(torch.zeros(100, 50, dtype=torch.float64), mesh, [Replicate()]),
                "plain": torch.zeros(999, dtype=torch.int64)}
         dcp.load(out, storage_reader=shardckpt.ShardckptReader(url))
-        _equal(out, sd)
+        assert_state_equal(out, sd)
         assert _reads_everywhere() == _nbytes({"r": full, "plain": sd["plain"]})
         # A local backend with "auto": every rank reads what it loads
         local = f"count://{root}/ck"
         out["plain"].zero_()
         shardckpt.load(out, local)
-        _equal(out, sd)
+        assert_state_equal(out, sd)
         assert _reads_everywhere() == world * _nbytes({"r": full, "plain": sd["plain"]})
 
 
@@ -328,7 +315,7 @@ def _corrupt_worker(rank: int, world: int, root: str, key: str, file: str) -> No
     sd = _ddp_state()
     with knobs.override(shared_reads="on", chunk_bytes=1024):
         try:
-            shardckpt.load(_zeros(sd), f"count://{root}/ck")
+            shardckpt.load(blank_like(sd), f"count://{root}/ck")
         except shardckpt.CorruptCheckpointError as e:
             assert e.file == file and file in str(e) and "CRC32C" in str(e), str(e)
         else:
@@ -371,7 +358,7 @@ def _s3_worker(rank: int, world: int, url: str, opts: dict[str, Any]) -> None:
         out = {k: torch.zeros_like(v) for k, v in sd.items()}
         with knobs.override(shared_reads=mode):
             shardckpt.load(out, wrapped, storage_options=opts)
-        _equal(out, sd)
+        assert_state_equal(out, sd)
         # Each 1 MiB tensor is one read (one piece): once in all with sharing
         # ("auto" shares on S3, a remote backend), once per rank without.
         mine = sum(1 for c in faultstore.trace() if c.site == "reader.read_into" and c.path.endswith(".bin"))

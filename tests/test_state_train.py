@@ -23,6 +23,7 @@ from shardckpt.state import (
     rng_state_for_rank,
     set_rng_state,
 )
+from tests.helpers import assert_state_equal
 from tests.multiproc import run_multiprocess
 
 N_DATA = 40
@@ -78,21 +79,6 @@ def _snapshot(st: TrainState) -> dict:
     }
 
 
-def _assert_equal(a, b, where="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_round_trip_into_a_fresh_state(tmp_path, small_chunks):
     src = _setup(0, steps=3, extra={"best_val": float("inf"), "hist": [1, 2.5, None]},
                  config={"lr": 0.1, "layers": [5, 7, 3]}, counter=Counter())
@@ -118,7 +104,7 @@ def test_round_trip_into_a_fresh_state(tmp_path, small_chunks):
         warnings.simplefilter("error")  # same world size, same config: nothing to warn about
         shardckpt.load({"train": dst}, tmp_path / "ckpt")
     assert _same_draws(_draws(), after_save)
-    _assert_equal(_snapshot(dst), expected)
+    assert_state_equal(_snapshot(dst), expected)
     assert (dst.step, dst.epoch) == (3, 1)
     assert dst.extra == {"best_val": float("inf"), "hist": [1, 2.5, None], "added_later": True}
     assert dst.config == {"lr": 0.1, "layers": [5, 7, 3]}
@@ -132,7 +118,7 @@ def test_round_trip_into_a_fresh_state(tmp_path, small_chunks):
         st.scaler.step(st.optimizer)
         st.scaler.update()
         st.scheduler.step()
-    _assert_equal([p.detach() for p in dst.model.parameters()], [p.detach() for p in src.model.parameters()])
+    assert_state_equal([p.detach() for p in dst.model.parameters()], [p.detach() for p in src.model.parameters()])
 
 
 def test_disabled_scaler_and_scaler_mismatch(tmp_path):
@@ -143,7 +129,7 @@ def test_disabled_scaler_and_scaler_mismatch(tmp_path):
         shardckpt.save({"train": src}, tmp_path / "off")
         dst = _setup(1, scaler_device="cuda", steps=0)
     shardckpt.load({"train": dst}, tmp_path / "off")
-    _assert_equal([p.detach() for p in dst.model.parameters()], [p.detach() for p in src.model.parameters()])
+    assert_state_equal([p.detach() for p in dst.model.parameters()], [p.detach() for p in src.model.parameters()])
     enabled = _setup(2, steps=0)
     with pytest.warns(UserWarning, match="GradScaler was disabled when saved and is enabled now"):
         shardckpt.load({"train": enabled}, tmp_path / "off")
@@ -274,7 +260,7 @@ def _save_worker(rank: int, world_size: int, d: str) -> None:
         warnings.simplefilter("error", RngReshardWarning)
         shardckpt.load({"train": fresh}, f"{d}/ckpt")
     assert _same_draws(_draws(), after), f"rank {rank}: RNG not restored exactly"
-    _assert_equal(_full(fresh), full)
+    assert_state_equal(_full(fresh), full)
     assert fresh.step == 2 and fresh.extra == {"best": 0.5}
     assert fresh.sampler.consumed == 2 * 2 * BATCH and fresh.saved_world_size == 2
 
@@ -295,7 +281,7 @@ def _load3_worker(rank: int, world_size: int, d: str) -> None:
         np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
         torch.manual_seed(seed)
         assert _same_draws(got, _draws())
-    _assert_equal(_full(st), torch.load(f"{d}/full.pt", weights_only=True))
+    assert_state_equal(_full(st), torch.load(f"{d}/full.pt", weights_only=True))
     # The data position reshards: rank r continues at global position consumed + r.
     perm = st.sampler.global_order().tolist()
     assert st.sampler.consumed == 8 and next(iter(st.sampler)) == perm[8 + rank]
