@@ -1,5 +1,5 @@
-"""Helpers shared by the test files: small states, load targets and state
-equality. Each lives here once; a test file that needs
+"""Helpers shared by the test files: small states, load targets, state
+equality, and a gate that holds async saves in flight. Each lives here once; a test file that needs
 a variant passes a parameter instead of keeping its own copy.
 
 Only torch is imported at module level: spawned ranks and torchrun workers import
@@ -9,6 +9,7 @@ this module too.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 __all__ = [
     "assert_state_equal",
     "blank_like",
+    "gate_writes",
     "mixed_state",
     "state_diff",
     "states_equal",
@@ -134,3 +136,22 @@ def assert_state_equal(got: Any, want: Any, where: str = "", *, bitwise: bool = 
 def states_equal(got: Any, want: Any, *, bitwise: bool = False, exact_types: bool = True) -> bool:
     """Whether ``state_diff`` finds no difference."""
     return not state_diff(got, want, bitwise=bitwise, exact_types=exact_types)
+
+
+# ----------------------------------------------------------------------------- async saves
+
+
+def gate_writes(monkeypatch: Any, wait_s: float) -> threading.Event:
+    """From now on, every shard write waits (up to ``wait_s``) until the returned
+    event is set: an async save stays in flight until then."""
+    from shardckpt.dcp.writer import ShardckptWriter
+
+    gate = threading.Event()
+    real = ShardckptWriter.write_items
+
+    def gated(self: Any, plan: Any, resolve: Any) -> Any:
+        gate.wait(wait_s)
+        return real(self, plan, resolve)
+
+    monkeypatch.setattr(ShardckptWriter, "write_items", gated)
+    return gate

@@ -14,7 +14,7 @@ import torch
 import shardckpt
 from shardckpt.dcp.writer import ShardckptWriter
 from shardckpt.errors import CheckpointWriteError, SaveInProgressError
-from tests.helpers import assert_state_equal
+from tests.helpers import assert_state_equal, gate_writes
 
 
 @pytest.fixture
@@ -157,14 +157,7 @@ def test_failure_midway_leaves_target_uncommitted(tmp_path, ckpt, monkeypatch):
 
 @pytest.fixture
 def slow_writes(monkeypatch):
-    gate = threading.Event()
-    real = ShardckptWriter.write_items
-
-    def gated(self, plan, resolve):
-        gate.wait(30)
-        return real(self, plan, resolve)
-
-    monkeypatch.setattr(ShardckptWriter, "write_items", gated)
+    gate = gate_writes(monkeypatch, wait_s=30)
     yield gate
     gate.set()
 

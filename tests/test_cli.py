@@ -25,12 +25,12 @@ import torch
 
 import shardckpt
 from shardckpt.cli import parse_storage_options
-from shardckpt.dcp.writer import ShardckptWriter
 from shardckpt.manager import (
     OWNER_MARKER,
     CheckpointManager,
     step_dirname,
 )
+from tests.helpers import gate_writes
 from tests.multiproc import run_multiprocess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,24 +151,10 @@ def test_ls_lists_every_status_and_named_checkpoints(tmp_path):
     assert "val_loss=0.5" in lines[2]
 
 
-def gate_writes(monkeypatch) -> threading.Event:
-    """From now on, every shard write waits until the returned event is set (as
-    tests/test_async.py's ``slow_writes``): an async save stays in flight."""
-    gate = threading.Event()
-    real = ShardckptWriter.write_items
-
-    def gated(self, plan, resolve):
-        gate.wait(60)
-        return real(self, plan, resolve)
-
-    monkeypatch.setattr(ShardckptWriter, "write_items", gated)
-    return gate
-
-
 def test_ls_while_an_async_save_is_in_flight(tmp_path, monkeypatch):
     root = tmp_path / "run"
     shardckpt.save(state(), root / step_dirname(1))
-    gate = gate_writes(monkeypatch)
+    gate = gate_writes(monkeypatch, wait_s=60)
     handle = shardckpt.async_save(state(1), root / step_dirname(2))
     try:
         assert not handle.done()
