@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tests.helpers import det_tensor
+
 SEED = 1234
 TENSORS: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {
     "w": ((37, 5), torch.float32, "s0"),  # uneven at 2, 3 and 4 ranks
@@ -47,10 +49,7 @@ TENSORS: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {
 
 def _full(key: str, step: int) -> torch.Tensor:
     shape, dtype, _ = TENSORS[key]
-    g = torch.Generator().manual_seed(SEED + sum(key.encode()) * 7919 + step * 104729)
-    if dtype == torch.int64:
-        return torch.randint(-(2**62), 2**62, shape, generator=g, dtype=torch.int64)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return det_tensor(shape, dtype, SEED + sum(key.encode()) * 7919 + step * 104729)
 
 
 def state(step: int, zeros: bool = False) -> dict[str, Any]:

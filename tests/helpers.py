@@ -1,4 +1,4 @@
-"""Helpers shared by the test files: small states, load targets, state
+"""Helpers shared by the test files: deterministic tensors, small states, load targets, state
 equality, and a gate that holds async saves in flight. Each lives here once; a test file that needs
 a variant passes a parameter instead of keeping its own copy.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "assert_state_equal",
     "blank_like",
+    "det_tensor",
     "gate_writes",
     "mixed_state",
     "state_diff",
@@ -25,6 +26,17 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- values
+
+
+def det_tensor(shape: Sequence[int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A tensor that depends only on ``(shape, dtype, seed)``, so every rank and
+    every process builds the same one. int64 values span ``[-2**62, 2**62)``, beyond
+    2**53, so a float round trip anywhere would show; any other dtype gets standard
+    normal values drawn in float64, then cast."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.int64:
+        return torch.randint(-(2**62), 2**62, tuple(shape), generator=g, dtype=torch.int64)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype)
 
 
 def mixed_state(seed: int, *, w: tuple[int, int], ints: int, mod: int, halves: int, step: int,

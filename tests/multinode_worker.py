@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tests.helpers import det_tensor
+
 #: Overridable so a test (or a person) can check that a wrong state is caught.
 SEED = int(os.environ.get("MULTINODE_SEED", "20240611"))
 #: How long a collective may wait for a peer before failing: a desync fails the
@@ -57,11 +59,7 @@ OBJECTS: dict[str, Any] = {
 def _full(key: str) -> torch.Tensor:
     """The global value of ``key``, from ``SEED`` and the key alone."""
     shape, dtype, _ = TENSORS[key]
-    g = torch.Generator().manual_seed(SEED + sum(key.encode()) * 7919)
-    if dtype == torch.int64:
-        # beyond 2**53, so a float round trip anywhere would show
-        return torch.randint(-(2**62), 2**62, shape, generator=g, dtype=torch.int64)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return det_tensor(shape, dtype, SEED + sum(key.encode()) * 7919)
 
 
 def _state_dict(zeros: bool = False) -> dict[str, Any]:

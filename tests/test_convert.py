@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import det_tensor
 from tests.multiproc import run_multiprocess
 
 safetensors = pytest.importorskip("safetensors")
@@ -49,10 +50,7 @@ CHUNK = 192  # tiny chunks: every tensor spans several, reads cross chunk bounda
 
 def _full(key: str) -> torch.Tensor:
     shape, dtype, _ = TENSORS[key]
-    g = torch.Generator().manual_seed(sum(key.encode()) * 31 + len(key))
-    if dtype == torch.int64:
-        return torch.randint(-(2**62), 2**62, shape, generator=g, dtype=torch.int64)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return det_tensor(shape, dtype, sum(key.encode()) * 31 + len(key))
 
 
 def _nest(flat: dict) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import det_tensor
 from tests.manifest_view import entries_view
 from tests.multiproc import run_multiprocess
 
@@ -72,11 +73,7 @@ OBJECTS = {
 def _full(key: str) -> torch.Tensor:
     """The global value of ``key``: the same on every rank, from a fixed seed."""
     shape, dtype, _ = TENSORS[key] if key in TENSORS else (*NESTED_PLAIN, "plain")
-    g = torch.Generator().manual_seed(sum(key.encode()) * 7919 + len(key))
-    if dtype == torch.int64:
-        # beyond 2**53 too, so a float round trip anywhere would show
-        return torch.randint(-(2**62), 2**62, shape, generator=g, dtype=torch.int64)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return det_tensor(shape, dtype, sum(key.encode()) * 7919 + len(key))
 
 
 def _meshes(world_size: int):
