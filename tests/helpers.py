@@ -1,5 +1,5 @@
 """Helpers shared by the test files: deterministic tensors, small states, load targets, state
-equality, and a gate that holds async saves in flight. Each lives here once; a test file that needs
+equality, a gate that holds async saves in flight, and the repository root. Each lives here once; a test file that needs
 a variant passes a parameter instead of keeping its own copy.
 
 Only torch is imported at module level: spawned ranks and torchrun workers import
@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "REPO_ROOT",
     "assert_state_equal",
     "blank_like",
     "det_tensor",
@@ -24,6 +26,11 @@ __all__ = [
     "state_diff",
     "states_equal",
 ]
+
+#: The repository root (the directory holding ``shardckpt/`` and ``tests/``): the
+#: working directory or PYTHONPATH of subprocesses that import either. This module
+#: stays at ``tests/``, so the root holds wherever a test file lives below it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- values
 

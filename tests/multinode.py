@@ -35,9 +35,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import REPO_ROOT
+
 __all__ = ["AgentResult", "JobResult", "MultinodeTimeout", "can_mount_private_tmpfs", "run_multinode"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TMPFS_SIZE = "256m"
 
 

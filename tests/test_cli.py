@@ -30,15 +30,13 @@ from shardckpt.manager import (
     CheckpointManager,
     step_dirname,
 )
-from tests.helpers import gate_writes
+from tests.helpers import REPO_ROOT, gate_writes
 from tests.multiproc import run_multiprocess
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str, env: dict[str, str] | None = None, stderr_tty: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m shardckpt ARGS``; with ``stderr_tty`` stderr is a 100-column pty."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "shardckpt", *map(str, args)]
     if not stderr_tty:
         return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=120)

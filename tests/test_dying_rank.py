@@ -26,6 +26,7 @@ import shardckpt
 from shardckpt.manager import step_dirname
 from tests._dying_rank_worker import state_for
 from tests.figures import record
+from tests.helpers import REPO_ROOT
 
 WORKER = Path(__file__).with_name("_dying_rank_worker.py")
 TIMEOUT_S = 3  # SHARDCKPT_COLLECTIVE_TIMEOUT_S for the ranks
@@ -39,7 +40,7 @@ def run_scenario(tmp_path: Path, phase: str, how: str, victim: int, world: int =
     out.mkdir()
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDCKPT_COLLECTIVE_TIMEOUT_S": str(TIMEOUT_S),
-           "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(store.port), phase, how,
                           str(victim), str(root), str(out)], env=env, stdout=subprocess.PIPE,

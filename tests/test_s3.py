@@ -3,7 +3,6 @@ injected by a proxy at the HTTP layer. Nothing here mocks an S3 client."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 
 import shardckpt
 from shardckpt import knobs
-from tests.helpers import assert_state_equal, blank_like
+from tests.helpers import REPO_ROOT, assert_state_equal, blank_like
 from tests.multiproc import run_multiprocess
 from tests.s3util import list_multipart_uploads, list_objects
 
@@ -192,7 +191,7 @@ def test_kill_mid_upload_leaves_incomplete_and_next_save_cleans(s3_bucket, tmp_p
     script = tmp_path / "saver.py"
     script.write_text(_KILLED_SAVER)
     proc = subprocess.Popen([sys.executable, str(script), f"{root}/torn", repr(opts)],
-                            cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE)
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not list_multipart_uploads(s3_bucket.endpoint, s3_bucket.name, "kill/torn/"):
