@@ -33,16 +33,25 @@ def test_unknown_dtypes_are_refused():
         dtype_from_name("__class__")
 
 
-@pytest.mark.parametrize("nbytes,chunk,itemsize", [(0, 64, 4), (1, 64, 1), (100, 64, 4), (128, 64, 4), (130, 64, 2), (24, 10, 8), (7, 3, 8)])
-def test_split_chunks_covers_exactly_and_never_splits_an_element(nbytes, chunk, itemsize):
-    nbytes -= nbytes % itemsize
+# (nbytes, chunk, itemsize, number of ranges): every nbytes is whole elements. In
+# the last case the chunk is smaller than one element: each range is one element.
+@pytest.mark.parametrize("nbytes,chunk,itemsize,count", [
+    (0, 64, 4, 0), (1, 64, 1, 1), (100, 64, 4, 2), (128, 64, 4, 2), (130, 64, 2, 3), (24, 10, 8, 3),
+    (56, 3, 8, 7)])
+def test_split_chunks_covers_exactly_and_never_splits_an_element(nbytes, chunk, itemsize, count):
+    assert nbytes % itemsize == 0  # the case itself: a tensor's bytes are whole elements
     ranges = split_chunks(nbytes, chunk, itemsize)
+    assert len(ranges) == count, ranges
     if nbytes == 0:
-        assert ranges == []
+        assert ranges == []  # nothing to store: no chunk at all, not one empty chunk
         return
     assert [s for s, _ in ranges] == [0] + [e for _, e in ranges][:-1]
-    assert (ranges[-1][1] if ranges else 0) == nbytes
+    assert ranges[-1][1] == nbytes
     assert all(s % itemsize == 0 and e % itemsize == 0 and e > s for s, e in ranges)
+    # about chunk bytes: every range but the last is the largest whole number of
+    # elements within the chunk, and at least one element
+    step = max(itemsize, chunk // itemsize * itemsize)
+    assert all(e - s == step for s, e in ranges[:-1]) and 0 < ranges[-1][1] - ranges[-1][0] <= step
 
 
 def _brute_range(shape, offsets, lengths):
