@@ -392,22 +392,37 @@ def sweep(sc: Scenario, places: Callable[[str], Place], per_rank: int) -> int:
 
 
 def random_kills(sc: Scenario, places: Callable[[str], Place], n: int, seed: int) -> int:
-    """``n`` SIGKILLs of all ranks at seeded random instants within the save."""
+    """``n`` SIGKILLs of all ranks at seeded random instants within the save (up to
+    1.2 times the dry run's duration); returns how many left the new step committed.
+
+    Besides ``check_outcome`` after each kill, the count must fit where the kills
+    fell: a save whose ranks all finished before the kill must be committed (so
+    ``committed`` is at least the number of such runs), a rank may only finish or be
+    killed, never fail on its own, and at least one kill must have interrupted the
+    save before its commit (otherwise no kill tested anything)."""
     place = places(sc.backend)
     setup_root(place)
     _, seconds = dry_run(sc, place)
     rng = random.Random(f"{seed}-{sc}")
-    committed = 0
+    committed = finished = 0
     for i in range(n):
         delay = rng.uniform(0.0, seconds * 1.2)
         replay = f"scenario={sc} random kill #{i} seed={seed} delay={delay:.6f}s"
         place = places(sc.backend)
         setup_root(place)
-        run_scenario(sc, place, kill_after=delay)
-        committed += check_outcome(sc, place, replay)
+        codes = run_scenario(sc, place, kill_after=delay)
+        assert set(codes) <= {0, -signal.SIGKILL}, f"{replay}: a rank failed by itself (exit codes {codes})"
+        new = check_outcome(sc, place, replay)
+        if codes == [0] * sc.ranks:  # the save returned on every rank before the kill came
+            assert new, f"{replay}: every rank's save returned, yet step {sc.target} is not committed"
+            finished += 1
+        committed += new
+    assert finished <= committed < n, (
+        f"{sc}: {committed} of {n} kills found the new step committed ({finished} came after every rank "
+        f"had finished); at least one must interrupt the save before its commit")
     record("kill points", phase="random", backend=sc.backend, ranks=sc.ranks, mode=sc.mode, kind=sc.kind,
            tried=n, torn_loadable=0, earlier_lost=0, committed=committed)
-    return n
+    return committed
 
 
 # ----------------------------------------------------------------------------- tests
