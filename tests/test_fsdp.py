@@ -101,6 +101,8 @@ def _load_worker(rank: int, world_size: int, kind: str, path: str, ref: str) -> 
         want = torch.load(ref, weights_only=True)
         assert_state_equal(full_msd, want["model"], "model")
         assert_state_equal(full_osd, want["optim"], "optim")
+        # every parameter has Adam state (the loop below must not run over nothing)
+        assert len(want["optim"]["state"]) == len(list(model.parameters())), sorted(want["optim"]["state"])
         for fqn, st in want["optim"]["state"].items():
             assert set(st) >= {"step", "exp_avg", "exp_avg_sq"}, (fqn, sorted(st))
             assert int(st["step"]) == STEPS, (fqn, st["step"])

@@ -34,6 +34,7 @@ from tests.test_manager import Tiny, run
 ])
 def test_replicas_never_share_a_node_and_spread(nodes, k):
     targets = replica_targets(nodes, k)
+    assert len(targets) == len(nodes), targets  # one target list per rank: the loop below sees them all
     copies = min(k, len(set(nodes)) - 1)
     for rank, ts in enumerate(targets):
         assert len(ts) == copies
