@@ -1,4 +1,4 @@
-"""Multi-node jobs: real torchrun agents on loopback, one per "node" (tests/multinode.py).
+"""Multi-node jobs: real torchrun agents on loopback, one per "node" (tests/multinode/harness.py).
 
 What single-agent tests cannot show: a checkpoint written by 2 nodes x 2
 processes must resume at a different node/process layout (1 x 3, 2 x 1) bit for
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode import JobResult, can_mount_private_tmpfs, run_multinode
+from tests.multinode.harness import JobResult, can_mount_private_tmpfs, run_multinode
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from tests import figures
 
 _SPEC = importlib.util.spec_from_file_location(
-    "reliability_report", Path(__file__).resolve().parent.parent / "benchmarks" / "reliability_report.py")
+    "reliability_report", Path(__file__).resolve().parents[2] / "benchmarks" / "reliability_report.py")
 report = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(report)
 

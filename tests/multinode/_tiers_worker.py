@@ -1,6 +1,6 @@
-"""One rank of a multi-tier test job, started by torchrun (see ``tests/test_tiers_multinode.py``).
+"""One rank of a multi-tier test job, started by torchrun (see ``tests/multinode/test_tiers_multinode.py``).
 
-    python -m tests._tiers_worker MODE LOCAL REMOTE [options]
+    python -m tests.multinode._tiers_worker MODE LOCAL REMOTE [options]
 
 Node-local storage that outlives a job: the agent runs in its own mount
 namespace (``run_multinode(private_tmpfs=LOCAL)``) and local rank 0 bind-mounts

@@ -1,6 +1,6 @@
 """Multi-tier checkpoints across real nodes: torchrun agents on loopback, each in its
 own mount namespace with its own "disk" at the same local_root path
-(``tests/_tiers_worker.py``), a shared directory as the durable tier.
+(``tests/multinode/_tiers_worker.py``), a shared directory as the durable tier.
 
 Save every 10 steps to the local tier, persist every 20: after step 30 the
 local tier holds 20 and 30 (``local_keep_last=2``), the durable tier 20.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode import can_mount_private_tmpfs, run_multinode
+from tests.multinode.harness import can_mount_private_tmpfs, run_multinode
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not can_mount_private_tmpfs(),
                                                    reason="needs mount namespaces (root/CAP_SYS_ADMIN)")]
@@ -33,7 +33,7 @@ class Job:
         results = self.tmp / f"results{self.runs}"
         results.mkdir()
         job = run_multinode([mode, str(self.local), str(self.remote), *args], nnodes=nnodes, nproc_per_node=nproc,
-                            module="tests._tiers_worker", log_dir=self.tmp / "logs", timeout=TIMEOUT_S,
+                            module="tests.multinode._tiers_worker", log_dir=self.tmp / "logs", timeout=TIMEOUT_S,
                             private_tmpfs=str(self.local),
                             env={"RESULT_DIR": str(results), "NODE_DISKS": str(self.disks)})
         if ok:

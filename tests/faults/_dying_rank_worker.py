@@ -1,6 +1,6 @@
-"""One rank of a dying-rank scenario (``tests/test_dying_rank.py`` spawns them).
+"""One rank of a dying-rank scenario (``tests/faults/test_dying_rank.py`` spawns them).
 
-Usage: ``python tests/_dying_rank_worker.py RANK WORLD PORT PHASE HOW VICTIM ROOT OUT``
+Usage: ``python tests/faults/_dying_rank_worker.py RANK WORLD PORT PHASE HOW VICTIM ROOT OUT``
 
 Every rank saves step 1 (and, for the load phases, step 2) under ``ROOT`` with a
 ``CheckpointManager``. Then the faulty step runs: the victim rank signals itself

@@ -165,7 +165,7 @@ def run_multinode(
     nnodes: int,
     nproc_per_node: int,
     log_dir: str | os.PathLike[str],
-    module: str | None = "tests.multinode_worker",
+    module: str | None = "tests.multinode.multinode_worker",
     script: str | None = None,
     private_tmpfs: str | None = None,
     env: Mapping[str, str] | None = None,

@@ -1,6 +1,6 @@
 """Checkpoint directories that cannot be written: a read-only mount (EROFS) and a
 directory the process may not write (EACCES, a child dropped to uid 65534, since
-chmod does not stop root). Runs ``tests/_permissions_worker.py`` in a private
+chmod does not stop root). Runs ``tests/faults/_permissions_worker.py`` in a private
 mount namespace; the worker asserts, this test checks its report.
 """
 

@@ -1,5 +1,5 @@
-"""Permissions scenario, run by ``tests/test_permissions.py`` as
-``unshare -m --propagation private python tests/_permissions_worker.py`` (it mounts a
+"""Permissions scenario, run by ``tests/faults/test_permissions.py`` as
+``unshare -m --propagation private python tests/faults/_permissions_worker.py`` (it mounts a
 fresh tmpfs on a new directory under ``/``, visible only in its private mount namespace).
 
 We run as root, and chmod does not stop root; so the unwritable places are

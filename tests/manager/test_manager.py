@@ -208,7 +208,7 @@ def test_retention_on_disk_keeps_newest_and_collects_leftovers(tmp_path):
 
 
 def test_fifty_saves_through_the_manager_keep_exactly_the_policy_set():
-    from tests.test_retention import val_loss
+    from tests.manager.test_retention import val_loss
 
     root = f"memory://mgr-{uuid.uuid4().hex}/run"
     with CheckpointManager(root, keep_last=3, keep_every=10, keep_best=("val_loss", "min", 2)) as mgr:

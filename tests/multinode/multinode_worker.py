@@ -1,6 +1,6 @@
-"""One rank of a multi-node test job, started by torchrun (see ``tests/multinode.py``).
+"""One rank of a multi-node test job, started by torchrun (see ``tests/multinode/harness.py``).
 
-    python -m tests.multinode_worker MODE PATH [--storage-options JSON]
+    python -m tests.multinode.multinode_worker MODE PATH [--storage-options JSON]
 
 MODE is ``save``, ``load`` or ``save-expect-error``. The state dict depends only on
 ``SEED``, never on the world size, so a checkpoint saved at one layout (nodes x

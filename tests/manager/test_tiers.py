@@ -1,7 +1,7 @@
 """Multi-tier checkpoints without real nodes: replica placement and restore planning
 (pure), the commit marker, and the manager with a local tier in one process and in
 two gloo ranks on one node (replicas skipped), retention per tier, list() tiers,
-bad arguments. Real nodes: ``tests/test_tiers_multinode.py``."""
+bad arguments. Real nodes: ``tests/multinode/test_tiers_multinode.py``."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from shardckpt.manager.tiers.candidates import (
     local_candidates,
 )
 from shardckpt.manager.tiers.local_commit import decode_commit, encode_commit
+from tests.manager.test_manager import Tiny, run
 from tests.multiproc import run_multiprocess
-from tests.test_manager import Tiny, run
 
 
 @pytest.mark.parametrize("nodes,k", [
@@ -279,7 +279,7 @@ def test_preemption_saves_to_both_tiers_and_exits(tmp_path):
 
 def _fsdp_train_state(rank, world, tmp):
     import shardckpt
-    from tests.test_fsdp import _fsdp, _train
+    from tests.multirank.test_fsdp import _fsdp, _train
 
     def snapshot(model, optim):
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -332,7 +332,7 @@ def test_failed_local_save_is_raised_and_leaves_the_previous_step(tmp_path):
 def test_never_older_than_a_usable_local_step_when_the_newer_durable_one_is_damaged(tmp_path, caplog):
     import shutil
 
-    from tests.test_manager import flip_shard_byte
+    from tests.manager.test_manager import flip_shard_byte
 
     with _tiers_mgr(tmp_path) as mgr:
         run(mgr, range(1, 13))  # local 11, 12; durable 8, 12

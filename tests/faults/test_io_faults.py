@@ -27,8 +27,7 @@ from shardckpt import knobs
 from shardckpt.errors import ShardckptError
 from shardckpt.store import step_dirname
 from tests import faultstore
-from tests.figures import record
-from tests.test_kill_points import (
+from tests.faults.test_kill_points import (
     CHUNK_BYTES,
     Place,
     Scenario,
@@ -41,6 +40,7 @@ from tests.test_kill_points import (
     setup_root,
     try_load,
 )
+from tests.figures import record
 
 WRITE_FAULTS = ("eio", "eacces", "short")
 READ_FAULTS = ("eio", "eacces", "short", "eof")

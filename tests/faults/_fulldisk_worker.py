@@ -1,5 +1,5 @@
-"""Full-disk scenario, run by ``tests/test_full_disk.py`` as
-``unshare -m --propagation private python tests/_fulldisk_worker.py MOUNTPOINT MODE``
+"""Full-disk scenario, run by ``tests/faults/test_full_disk.py`` as
+``unshare -m --propagation private python tests/faults/_fulldisk_worker.py MOUNTPOINT MODE``
 (MODE: ``sync`` or ``async``), so the tmpfs it mounts is private to this process
 and vanishes with it.
 

@@ -1,7 +1,7 @@
 """A CheckpointManager root on a full disk: a size-limited tmpfs mounted in a
 private mount namespace (``unshare -m --propagation private``), so the mount is
 never seen outside the worker and vanishes with it. The scenario and its
-assertions live in ``tests/_fulldisk_worker.py``; this file runs it for a
+assertions live in ``tests/faults/_fulldisk_worker.py``; this file runs it for a
 synchronous and an asynchronous manager and checks what it reports.
 """
 

@@ -1,5 +1,5 @@
 """A rank dies (SIGKILL) or stops answering (SIGSTOP) in the middle of a save, an
-async save or a load, on real gloo ranks (``tests/_dying_rank_worker.py``).
+async save or a load, on real gloo ranks (``tests/faults/_dying_rank_worker.py``).
 
 Every surviving rank must raise a ``ShardckptError`` within a bounded time
 (``knobs.collective_timeout_s``, shrunk to a few seconds here), never hang, and
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import shardckpt
 from shardckpt.manager import step_dirname
-from tests._dying_rank_worker import state_for
+from tests.faults._dying_rank_worker import state_for
 from tests.figures import record
 from tests.helpers import REPO_ROOT
 
