@@ -43,16 +43,16 @@ if str(ROOT) not in sys.path:  # run as a script: the checkout's benchmarks pack
 from benchmarks._common import cpu_model  # noqa: E402
 
 SUITE = [
-    "tests/test_kill_points.py",
-    "tests/test_io_faults.py",
-    "tests/test_dying_rank.py",
-    "tests/test_bitflips.py",
-    "tests/test_manifest_fuzz.py",
-    "tests/test_full_disk.py",
-    "tests/test_permissions.py",
-    "tests/test_long_run.py",
-    "tests/test_replicas.py",
-    "tests/test_dcp_contract.py",
+    "tests/faults/test_kill_points.py",
+    "tests/faults/test_io_faults.py",
+    "tests/faults/test_dying_rank.py",
+    "tests/faults/test_bitflips.py",
+    "tests/faults/test_manifest_fuzz.py",
+    "tests/faults/test_full_disk.py",
+    "tests/faults/test_permissions.py",
+    "tests/faults/test_long_run.py",
+    "tests/multirank/test_replicas.py",
+    "tests/api/test_dcp_contract.py",
 ]
 # What a reader should check in each table: the columns that must be zero.
 MUST_BE_ZERO = ("torn_loadable", "earlier_lost", "undetected", "untyped", "hung", "committed",
