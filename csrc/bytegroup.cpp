@@ -498,25 +498,8 @@ using shardckpt_ext::get_buffer;
 using shardckpt_ext::overlaps;
 using shardckpt_ext::parse_args;
 
-// The kernel set to use: the active one, or the one named by `impl` (testing).
 const Impl* pick_impl(PyObject* impl) {
-    if (impl == nullptr || impl == Py_None) return g_active;
-    if (!PyUnicode_Check(impl)) {
-        PyErr_SetString(PyExc_TypeError, "impl must be a str or None");
-        return nullptr;
-    }
-    for (size_t i = 0; i < kNumImpls; ++i) {
-        if (PyUnicode_CompareWithASCIIString(impl, g_impls[i].name) == 0) {
-            if (!g_impls[i].supported) {
-                PyErr_Format(PyExc_ValueError,
-                             "byte-group implementation %R is not supported on this CPU", impl);
-                return nullptr;
-            }
-            return &g_impls[i];
-        }
-    }
-    PyErr_Format(PyExc_ValueError, "unknown byte-group implementation %R", impl);
-    return nullptr;
+    return shardckpt_ext::pick_impl(impl, g_active, g_impls, kNumImpls, "byte-group");
 }
 
 int parse_width(PyObject* obj, int* slot, long* width) {
@@ -651,13 +634,7 @@ done:
     return result;
 }
 
-PyObject* py_implementation(PyObject*, PyObject*) {
-    return PyUnicode_FromString(g_active->name);
-}
-
-PyObject* py_available_implementations(PyObject*, PyObject*) {
-    return shardckpt_ext::supported_names(g_impls, kNumImpls);
-}
+SHARDCKPT_IMPL_INTROSPECTION(g_active, g_impls, kNumImpls)
 
 PyMethodDef g_methods[] = {
     {"group", FASTCALL_KW(py_group), METH_FASTCALL | METH_KEYWORDS,
@@ -672,25 +649,13 @@ PyMethodDef g_methods[] = {
      "ungroup_planes(planes, dst, impl=None) -> None\n\n"
      "Inverse of group() with the planes given as a sequence of 2, 4 or 8 separate\n"
      "buffers, each len(dst) // len(planes) bytes."},
-    {"implementation", py_implementation, METH_NOARGS,
-     "implementation() -> str\n\nName of the kernel set group()/ungroup() dispatch to."},
-    {"available_implementations", py_available_implementations, METH_NOARGS,
-     "available_implementations() -> list[str]\n\n"
-     "Kernel sets usable on this CPU, in dispatch preference order."},
+    SHARDCKPT_IMPL_METHODS("group()/ungroup()"),
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef g_module = {
-    PyModuleDef_HEAD_INIT,
-    "shardckpt._bytegroup",
-    "Byte grouping of 2/4/8-byte elements into planes, runtime-dispatched AVX2 / AVX-512 VBMI.",
-    -1,
-    g_methods,
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
-};
+SHARDCKPT_MODULE_DEF(g_module, "shardckpt.native._bytegroup",
+                     "Byte grouping of 2/4/8-byte elements into planes, runtime-dispatched AVX2 / AVX-512 VBMI.",
+                     g_methods);
 
 }  // namespace
 

@@ -44,12 +44,6 @@
 #include <thread>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(SHARDCKPT_PORTABLE_ONLY)
-#define SHARDCKPT_X86 1
-#include <immintrin.h>
-#else
-#define SHARDCKPT_X86 0
-#endif
 
 namespace {
 
@@ -227,25 +221,8 @@ using shardckpt_ext::get_buffer;
 using shardckpt_ext::overlaps;
 using shardckpt_ext::parse_args;
 
-// The kernel to use: the active one, or the one named by `impl` (testing).
 const Impl* pick_impl(PyObject* impl) {
-    if (impl == nullptr || impl == Py_None) return g_active;
-    if (!PyUnicode_Check(impl)) {
-        PyErr_SetString(PyExc_TypeError, "impl must be a str or None");
-        return nullptr;
-    }
-    for (size_t i = 0; i < kNumImpls; ++i) {
-        if (PyUnicode_CompareWithASCIIString(impl, g_impls[i].name) == 0) {
-            if (!g_impls[i].supported) {
-                PyErr_Format(PyExc_ValueError,
-                             "copy implementation %R is not supported on this CPU", impl);
-                return nullptr;
-            }
-            return &g_impls[i];
-        }
-    }
-    PyErr_Format(PyExc_ValueError, "unknown copy implementation %R", impl);
-    return nullptr;
+    return shardckpt_ext::pick_impl(impl, g_active, g_impls, kNumImpls, "copy");
 }
 
 int parse_threads(PyObject* obj, long* threads) {
@@ -370,13 +347,7 @@ PyObject* py_copy_many(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObj
     return result;
 }
 
-PyObject* py_implementation(PyObject*, PyObject*) {
-    return PyUnicode_FromString(g_active->name);
-}
-
-PyObject* py_available_implementations(PyObject*, PyObject*) {
-    return shardckpt_ext::supported_names(g_impls, kNumImpls);
-}
+SHARDCKPT_IMPL_INTROSPECTION(g_active, g_impls, kNumImpls)
 
 PyMethodDef g_methods[] = {
     {"copy", FASTCALL_KW(py_copy), METH_FASTCALL | METH_KEYWORDS,
@@ -388,25 +359,13 @@ PyMethodDef g_methods[] = {
      "copy_many(dsts, srcs, threads=1, impl=None) -> None\n\n"
      "copy(dsts[i], srcs[i]) for every i, all buffers checked before any byte is\n"
      "copied, in one call that releases the GIL once."},
-    {"implementation", py_implementation, METH_NOARGS,
-     "implementation() -> str\n\nName of the kernel copy()/copy_many() dispatch to."},
-    {"available_implementations", py_available_implementations, METH_NOARGS,
-     "available_implementations() -> list[str]\n\n"
-     "Kernels usable on this CPU, in dispatch preference order."},
+    SHARDCKPT_IMPL_METHODS("copy()/copy_many()"),
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef g_module = {
-    PyModuleDef_HEAD_INIT,
-    "shardckpt._copy",
-    "Bulk copy between contiguous buffers with streaming stores, GIL released.",
-    -1,
-    g_methods,
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
-};
+SHARDCKPT_MODULE_DEF(g_module, "shardckpt.native._copy",
+                     "Bulk copy between contiguous buffers with streaming stores, GIL released.",
+                     g_methods);
 
 }  // namespace
 

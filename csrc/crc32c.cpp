@@ -43,12 +43,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(SHARDCKPT_PORTABLE_ONLY)
-#define SHARDCKPT_X86 1
-#include <immintrin.h>
-#else
-#define SHARDCKPT_X86 0
-#endif
 
 namespace {
 
@@ -791,18 +785,8 @@ PyObject* py_crc32c_impl(PyObject*, PyObject* const* args, Py_ssize_t nargs,
         PyErr_SetString(PyExc_TypeError, "_crc32c_impl(): name must be a str");
         return nullptr;
     }
-    for (size_t i = 0; i < kNumImpls; ++i) {
-        if (PyUnicode_CompareWithASCIIString(a[0], g_impls[i].name) == 0) {
-            if (!g_impls[i].supported) {
-                PyErr_Format(PyExc_ValueError,
-                             "CRC32C implementation %R is not supported on this CPU", a[0]);
-                return nullptr;
-            }
-            return run_crc(g_impls[i].fn, a[1], a[2]);
-        }
-    }
-    PyErr_Format(PyExc_ValueError, "unknown CRC32C implementation %R", a[0]);
-    return nullptr;
+    const Impl* impl = shardckpt_ext::pick_impl(a[0], g_active, g_impls, kNumImpls, "CRC32C");
+    return impl == nullptr ? nullptr : run_crc(impl->fn, a[1], a[2]);
 }
 
 PyObject* py_crc32c_combine(PyObject*, PyObject* const* args, Py_ssize_t nargs,
@@ -818,13 +802,7 @@ PyObject* py_crc32c_combine(PyObject*, PyObject* const* args, Py_ssize_t nargs,
                                                static_cast<uint32_t>(crc2), len2));
 }
 
-PyObject* py_implementation(PyObject*, PyObject*) {
-    return PyUnicode_FromString(g_active->name);
-}
-
-PyObject* py_available_implementations(PyObject*, PyObject*) {
-    return shardckpt_ext::supported_names(g_impls, kNumImpls);
-}
+SHARDCKPT_IMPL_INTROSPECTION(g_active, g_impls, kNumImpls)
 
 PyMethodDef g_methods[] = {
     {"crc32c", FASTCALL_KW(py_crc32c), METH_FASTCALL | METH_KEYWORDS,
@@ -834,28 +812,16 @@ PyMethodDef g_methods[] = {
     {"crc32c_combine", FASTCALL_KW(py_crc32c_combine), METH_FASTCALL | METH_KEYWORDS,
      "crc32c_combine(crc1, crc2, len2) -> int\n\n"
      "CRC32C of A + B given crc32c(A), crc32c(B) and len(B), in O(log len2)."},
-    {"implementation", py_implementation, METH_NOARGS,
-     "implementation() -> str\n\nName of the kernel crc32c() dispatches to."},
-    {"available_implementations", py_available_implementations, METH_NOARGS,
-     "available_implementations() -> list[str]\n\n"
-     "Kernels usable on this CPU, in dispatch preference order."},
+    SHARDCKPT_IMPL_METHODS("crc32c()"),
     {"_crc32c_impl", FASTCALL_KW(py_crc32c_impl), METH_FASTCALL | METH_KEYWORDS,
      "_crc32c_impl(name, data, value=0) -> int\n\n"
      "Testing hook: crc32c() through the named kernel."},
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef g_module = {
-    PyModuleDef_HEAD_INIT,
-    "shardckpt._crc32c",
-    "CRC32C (Castagnoli) with runtime-dispatched SSE4.2 / PCLMULQDQ / VPCLMULQDQ kernels.",
-    -1,
-    g_methods,
-    nullptr,
-    nullptr,
-    nullptr,
-    nullptr,
-};
+SHARDCKPT_MODULE_DEF(g_module, "shardckpt.native._crc32c",
+                     "CRC32C (Castagnoli) with runtime-dispatched SSE4.2 / PCLMULQDQ / VPCLMULQDQ kernels.",
+                     g_methods);
 
 }  // namespace
 

@@ -2,11 +2,20 @@
 // METH_FASTCALL argument parsing, listing a dispatch table's usable kernels,
 // C-contiguous buffer views and the overlap check of two byte ranges.
 #pragma once
+// The one definition of what every extension shares: argument parsing, buffer
+// access, the kernel table's introspection and selection, the x86 switch.
 
 #include <Python.h>
 
 #include <cstddef>
 #include <cstdint>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SHARDCKPT_PORTABLE_ONLY)
+#define SHARDCKPT_X86 1
+#include <immintrin.h>
+#else
+#define SHARDCKPT_X86 0
+#endif
 
 namespace shardckpt_ext {
 
@@ -74,6 +83,28 @@ PyObject* supported_names(const Impl* impls, size_t n) {
     return list;
 }
 
+// The kernel to use: ``active``, or the one ``impl`` names (a testing hook);
+// ``what`` names the family in errors ("copy", "byte-group", "CRC32C").
+template <class Impl>
+const Impl* pick_impl(PyObject* impl, const Impl* active, const Impl* impls, size_t n, const char* what) {
+    if (impl == nullptr || impl == Py_None) return active;
+    if (!PyUnicode_Check(impl)) {
+        PyErr_SetString(PyExc_TypeError, "impl must be a str or None");
+        return nullptr;
+    }
+    for (size_t i = 0; i < n; ++i) {
+        if (PyUnicode_CompareWithASCIIString(impl, impls[i].name) == 0) {
+            if (!impls[i].supported) {
+                PyErr_Format(PyExc_ValueError, "%s implementation %R is not supported on this CPU", what, impl);
+                return nullptr;
+            }
+            return &impls[i];
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "unknown %s implementation %R", what, impl);
+    return nullptr;
+}
+
 // Get a C-contiguous byte view of `obj` (writable when asked); on failure
 // sets an exception, a BufferError naming the problem for strided exporters.
 inline int get_buffer(PyObject* obj, Py_buffer* view, bool writable, const char* what) {
@@ -120,3 +151,25 @@ inline bool overlaps(const void* a, size_t alen, const void* b, size_t blen) {
 }  // namespace shardckpt_ext
 
 #define FASTCALL_KW(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f))
+
+// The two introspection functions every extension exposes over its kernel table:
+// implementation() (the active kernel) and available_implementations().
+#define SHARDCKPT_IMPL_INTROSPECTION(active, impls, n)                \
+    PyObject* py_implementation(PyObject*, PyObject*) {                \
+        return PyUnicode_FromString((active)->name);                   \
+    }                                                                  \
+    PyObject* py_available_implementations(PyObject*, PyObject*) {     \
+        return shardckpt_ext::supported_names(impls, n);               \
+    }
+
+// Their method-table entries; ``calls`` names what dispatches ("copy()/copy_many()").
+#define SHARDCKPT_IMPL_METHODS(calls)                                                   \
+    {"implementation", py_implementation, METH_NOARGS,                                  \
+     "implementation() -> str\n\nName of the kernel " calls " dispatch to."},          \
+    {"available_implementations", py_available_implementations, METH_NOARGS,            \
+     "available_implementations() -> list[str]\n\n"                                    \
+     "Kernels usable on this CPU, in dispatch preference order."}
+
+// A single-phase module definition named ``name`` (its import path) over ``methods``.
+#define SHARDCKPT_MODULE_DEF(var, name, doc, methods) \
+    PyModuleDef var = {PyModuleDef_HEAD_INIT, name, doc, -1, methods, nullptr, nullptr, nullptr, nullptr}

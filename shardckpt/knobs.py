@@ -35,6 +35,8 @@ def _env_int(name: str, default: int, allow_zero: bool = False) -> int:
     return value
 
 
+#: Knobs that may be 0 (0 turns writeback hints off, or retries without delay).
+_ZERO_OK = {"writeback_bytes", "retry_base_ms"}
 #: Knobs that take one of a few words instead of a number.
 _CHOICES: dict[str, tuple[str, ...]] = {"shared_reads": ("auto", "on", "off")}
 
@@ -90,26 +92,16 @@ class Knobs:
 
     @staticmethod
     def from_env() -> Knobs:
+        """The defaults, each overridden by its ``SHARDCKPT_<NAME>`` environment variable."""
         d = Knobs()
-        return Knobs(
-            chunk_bytes=_env_int("SHARDCKPT_CHUNK_BYTES", d.chunk_bytes),
-            io_threads=_env_int("SHARDCKPT_IO_THREADS", d.io_threads),
-            max_read_bytes=_env_int("SHARDCKPT_MAX_READ_BYTES", d.max_read_bytes),
-            writeback_bytes=_env_int("SHARDCKPT_WRITEBACK_BYTES", d.writeback_bytes, allow_zero=True),
-            object_bytes=_env_int("SHARDCKPT_OBJECT_BYTES", d.object_bytes),
-            part_bytes=_env_int("SHARDCKPT_PART_BYTES", d.part_bytes),
-            upload_concurrency=_env_int("SHARDCKPT_UPLOAD_CONCURRENCY", d.upload_concurrency),
-            read_part_bytes=_env_int("SHARDCKPT_READ_PART_BYTES", d.read_part_bytes),
-            read_concurrency=_env_int("SHARDCKPT_READ_CONCURRENCY", d.read_concurrency),
-            retry_attempts=_env_int("SHARDCKPT_RETRY_ATTEMPTS", d.retry_attempts),
-            retry_base_ms=_env_int("SHARDCKPT_RETRY_BASE_MS", d.retry_base_ms, allow_zero=True),
-            retry_max_seconds=_env_int("SHARDCKPT_RETRY_MAX_SECONDS", d.retry_max_seconds),
-            collective_timeout_s=_env_int("SHARDCKPT_COLLECTIVE_TIMEOUT_S", d.collective_timeout_s),
-            shared_reads=_env_choice("SHARDCKPT_SHARED_READS", d.shared_reads),
-        )
+        values: dict[str, int | str] = {}
+        for f in fields(Knobs):
+            env, default = f"SHARDCKPT_{f.name.upper()}", getattr(d, f.name)
+            values[f.name] = (_env_choice(env, default) if f.name in _CHOICES
+                              else _env_int(env, default, allow_zero=f.name in _ZERO_OK))
+        return Knobs(**values)  # type: ignore[arg-type]
 
 
-_ZERO_OK = {"writeback_bytes", "retry_base_ms"}
 _defaults: Knobs = Knobs.from_env()
 _local = threading.local()
 

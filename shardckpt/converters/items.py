@@ -16,7 +16,6 @@ run ahead only within a memory budget.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -259,29 +258,3 @@ def check_tiling(key: str, shape: Sequence[int], boxes: Sequence[tuple[Sequence[
 
 def box_slices(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
-
-
-class OpenReaders:
-    """Readers of a source's data files, opened once and shared by the worker
-    threads; a file the index names but storage lacks is a damaged checkpoint."""
-
-    def __init__(self, storage: Any, url: str, kind: str) -> None:
-        self._storage, self._url, self._kind = storage, url, kind
-        self._readers: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, rel: str) -> Any:
-        with self._lock:
-            r = self._readers.get(rel)
-            if r is None:
-                try:
-                    r = self._readers[rel] = self._storage.open_reader(rel)
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(f"{self._url}: {self._kind} {rel} is missing", file=rel) from None
-            return r
-
-    def close(self) -> None:
-        with self._lock:
-            for r in self._readers.values():
-                r.close()
-            self._readers.clear()

@@ -46,12 +46,12 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from ..backends import Storage
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ..format.layout import DTYPES
+from ..io.shard_reader import OpenFiles
 from .items import (
     Buffers,
     Dropped,
     Item,
     ObjectItem,
-    OpenReaders,
     Step,
     TensorItem,
     box_slices,
@@ -158,7 +158,7 @@ class DcpSource:
         self.storage, self.url, self._trust = storage, storage.url, trust_pickle
         self.dropped: list[Dropped] = []
         self.metadata: dict[str, Any] = {}
-        self._files = OpenReaders(self.storage, self.url, "data file")
+        self._files = OpenFiles(self.storage, self.url, "data file")
         where = f"{self.url.rstrip('/')}/{DCP_METADATA}"
         md = read_dcp_metadata(storage.read_bytes(DCP_METADATA), where)
         storage_data = md.storage_data if isinstance(md.storage_data, dict) else {}

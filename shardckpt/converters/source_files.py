@@ -28,9 +28,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 from ..backends import RandomReader, Storage
+from ..compat import flatten_state_dict
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from ..format.layout import DTYPES
 from ..format.objects import weights_only_reason

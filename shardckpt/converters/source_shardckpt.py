@@ -23,13 +23,13 @@ from ..format.chunks import read_chunks
 from ..format.layout import box_flat_range, contiguous_strides, dtype_from_name, split_box
 from ..format.manifest import BlobRef, ObjectEntry, TensorEntry
 from ..format.objects import decode_object, weights_only_reason
+from ..io.shard_reader import OpenFiles
 from ..store import CheckpointDir
 from .items import (
     Buffers,
     Dropped,
     Item,
     ObjectItem,
-    OpenReaders,
     Step,
     TensorItem,
     box_slices,
@@ -69,7 +69,7 @@ class ShardckptSource:
         self.manifest = CheckpointDir(storage).read_checked()
         self.dropped: list[Dropped] = []
         self.metadata: dict[str, Any] = {}
-        self._files = OpenReaders(self.storage, self.url, "shard file")
+        self._files = OpenFiles(self.storage, self.url, "shard file")
 
     def items(self) -> list[Item]:
         out: list[Item] = []

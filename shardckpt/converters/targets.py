@@ -30,10 +30,10 @@ from typing import IO, Any
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 
 from ..backends import Storage
+from ..compat import unflatten_state_dict
 from .items import ByteProgress, Dropped, Source
 from .output import OutFile, Written, checked_pieces, encoded_objects
 from .plan import Plan, Planned

@@ -24,14 +24,13 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
-from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ..collectives import Group
-from ..dcp.planner import SafeLoadPlanner, mismatch_error
+from ..compat import local_chunks
+from ..dcp.planner import SafeLoadPlanner, compare_state_dict, mismatch_error
 from ..dcp.reader import ShardckptReader, shares_reads
 from ..errors import CheckpointReadError
-from ..format.layout import dtype_name
 from ..format.manifest import Manifest, TensorEntry
 from ..knobs import Knobs
 from ..store import CheckpointDir
@@ -79,20 +78,8 @@ def plan_local_load(planner: SafeLoadPlanner, manifest: Manifest, strict: bool) 
     """This rank's reads: the stored slices that overlap each of its local chunks."""
     sd = planner.state_dict
     entries = manifest.entries
-    missing = sorted(k for k in sd if k not in entries)
-    unexpected = sorted(k for k in entries if k not in sd)
-    mismatched: dict[str, str] = {}
-    for key in sorted(set(sd) & set(entries)):
-        value, e = sd[key], entries[key]
-        is_tensor = isinstance(value, torch.Tensor)
-        if is_tensor != isinstance(e, TensorEntry):
-            mismatched[key] = (f"checkpoint holds a {'tensor' if not is_tensor else 'non-tensor value'}, "
-                               f"state_dict a {'tensor' if is_tensor else type(value).__name__}")
-        elif isinstance(e, TensorEntry):
-            if tuple(value.shape) != e.shape:
-                mismatched[key] = f"shape {list(e.shape)} in checkpoint, {list(value.shape)} in state_dict"
-            elif _name(value.dtype) != e.dtype:
-                mismatched[key] = f"dtype {e.dtype} in checkpoint, {_name(value.dtype)} in state_dict"
+    missing, unexpected, mismatched = compare_state_dict(
+        sd, {k: (e.shape, e.dtype) if isinstance(e, TensorEntry) else None for k, e in entries.items()})
     if mismatched or (strict and (missing or unexpected)):
         raise mismatch_error(missing, unexpected if strict else [], mismatched)
     items: list[ReadItem] = []
@@ -104,8 +91,7 @@ def plan_local_load(planner: SafeLoadPlanner, manifest: Manifest, strict: bool) 
             items.append(ReadItem(LoadItemType.BYTE_IO, MetadataIndex(key), torch.Size([0]),
                                   MetadataIndex(key), torch.Size([0]), torch.Size([0])))
             continue
-        chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in _create_chunk_list(value)]
-        items += tensor_reads(key, e, chunks)
+        items += tensor_reads(key, e, local_chunks(value))
     return LoadPlan(items)
 
 
@@ -129,10 +115,3 @@ def tensor_reads(key: str, e: TensorEntry, chunks: list[tuple[tuple[int, ...], t
                 torch.Size(tuple(b - a for a, b in zip(start, end))),
             ))
     return items
-
-
-def _name(dtype: torch.dtype) -> str:
-    try:
-        return dtype_name(dtype)
-    except TypeError:
-        return str(dtype)

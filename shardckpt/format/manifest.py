@@ -47,6 +47,7 @@ __all__ = [
     "ObjectEntry",
     "Manifest",
     "encode_manifest",
+    "header_fields",
     "decode_manifest",
     "validate_relpath",
 ]
@@ -108,17 +109,18 @@ def _entry_json(e: Entry) -> dict[str, Any]:
     return out
 
 
+def header_fields(m: Manifest) -> dict[str, Any]:
+    """The manifest's scalar fields as stored (``inspect`` shows the same)."""
+    return {"save_id": m.save_id, "world_size": m.world_size, "created_unix": m.created_unix,
+            "chunk_bytes": m.chunk_bytes, "library": dict(m.library), "metadata": dict(m.metadata)}
+
+
 def encode_manifest(m: Manifest) -> bytes:
     doc: dict[str, Any] = {
         "format": FORMAT,
         "version": m.version,
         "body": {
-            "save_id": m.save_id,
-            "world_size": m.world_size,
-            "created_unix": m.created_unix,
-            "chunk_bytes": m.chunk_bytes,
-            "library": dict(m.library),
-            "metadata": dict(m.metadata),
+            **header_fields(m),
             "files": {k: {"size": v} for k, v in m.files.items()},
             "entries": {k: _entry_json(v) for k, v in m.entries.items()},
         },

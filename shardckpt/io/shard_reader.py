@@ -17,7 +17,7 @@ replicated pieces are read by one rank and sent to the others, ``shared_reads``)
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,16 +36,20 @@ from ..format.objects import decode_object, weights_only_reason
 from . import shared_reads
 from .shared_reads import SharedPlan
 
-__all__ = ["ShardReader", "Job", "find_shard"]
+__all__ = ["ShardReader", "OpenFiles", "Job", "find_shard"]
 
 Job = tuple[ReadItem, TensorEntry, TensorShard, torch.Tensor]
 
 
-class _Files:
-    """Open readers per shard file, shared by the read threads; sizes checked once."""
+class OpenFiles:
+    """Readers of a checkpoint's data files, opened once and shared by the read
+    threads. A file the checkpoint names but storage lacks, or (with ``sizes``, the
+    manifest's) one of another size, is a damaged checkpoint. ``kind`` names the
+    files in errors (``shard file``, a DCP ``data file``)."""
 
-    def __init__(self, storage: Storage, manifest: Manifest) -> None:
-        self._storage, self._manifest = storage, manifest
+    def __init__(self, storage: Storage, url: str, kind: str = "shard file",
+                 sizes: Mapping[str, int] | None = None) -> None:
+        self._storage, self._url, self._kind, self._sizes = storage, url, kind, sizes
         self._open: dict[str, RandomReader] = {}
         self._lock = threading.Lock()
 
@@ -60,13 +64,14 @@ class _Files:
         try:
             r = self._storage.open_reader(rel)
         except (FileNotFoundError, NotADirectoryError):
-            raise CorruptCheckpointError(f"{self._storage.url}: shard file {rel} is missing", file=rel) from None
-        size, expected = r.size(), self._manifest.files[rel]
-        if size != expected:
-            r.close()
-            raise CorruptCheckpointError(
-                f"{self._storage.url}: shard file {rel} is {size} bytes, the manifest "
-                f"records {expected} (truncated or modified)", file=rel)
+            raise CorruptCheckpointError(f"{self._url}: {self._kind} {rel} is missing", file=rel) from None
+        if self._sizes is not None:
+            size, expected = r.size(), self._sizes[rel]
+            if size != expected:
+                r.close()
+                raise CorruptCheckpointError(
+                    f"{self._url}: {self._kind} {rel} is {size} bytes, the manifest "
+                    f"records {expected} (truncated or modified)", file=rel)
         return r
 
     def close(self) -> None:
@@ -122,7 +127,7 @@ class ShardReader:
 
     def __init__(self, storage: Storage, manifest: Manifest, knobs: knobs_mod.Knobs) -> None:
         self.storage, self.manifest, self.knobs = storage, manifest, knobs
-        self._files = _Files(storage, manifest)
+        self._files = OpenFiles(storage, storage.url, sizes=manifest.files)
 
     @property
     def workers(self) -> int:

@@ -81,14 +81,8 @@ def _numpy_ungroup_planes(planes: Sequence[Any], dst: Any) -> None:
 # Selection between the extension and the fallback.
 # ---------------------------------------------------------------------------
 
-_native = Native(
-    "_bytegroup",
-    _FORCE_ENV,
-    "numpy byte-grouping fallback",
-    "numpy",
-    "compressed save/load will be slower than with the extension",
-)
-group, ungroup, ungroup_planes = _native.bind(
-    group=_numpy_group, ungroup=_numpy_ungroup, ungroup_planes=_numpy_ungroup_planes)
-implementation = _native.implementation
-is_compiled = _native.is_compiled
+_native = Native("_bytegroup", _FORCE_ENV, fallback="numpy byte-grouping fallback", label="numpy",
+                 consequence="compressed save/load will be slower than with the extension")
+group, ungroup, ungroup_planes = _native.bind(group=_numpy_group, ungroup=_numpy_ungroup,
+                                               ungroup_planes=_numpy_ungroup_planes)
+implementation, is_compiled = _native.implementation, _native.is_compiled

@@ -76,13 +76,7 @@ def _numpy_copy_many(dsts: Sequence[Any], srcs: Sequence[Any], threads: int = 1)
 # Selection between the extension and the fallback.
 # ---------------------------------------------------------------------------
 
-_native = Native(
-    "_copy",
-    _FORCE_ENV,
-    "numpy staging copy",
-    "numpy",
-    "the blocking part of async_save will be slower than with the extension",
-)
+_native = Native("_copy", _FORCE_ENV, fallback="numpy staging copy", label="numpy",
+                 consequence="the blocking part of async_save will be slower than with the extension")
 copy, copy_many = _native.bind(copy=_numpy_copy, copy_many=_numpy_copy_many)
-implementation = _native.implementation
-is_compiled = _native.is_compiled
+implementation, is_compiled = _native.implementation, _native.is_compiled

@@ -241,13 +241,7 @@ def _software_crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-_native = Native(
-    "_crc32c",
-    _FORCE_ENV,
-    "pure-Python CRC32C fallback",
-    "software",
-    "checksumming will be orders of magnitude slower than with the extension",
-)
+_native = Native("_crc32c", _FORCE_ENV, fallback="pure-Python CRC32C fallback", label="software",
+                 consequence="checksumming will be orders of magnitude slower than with the extension")
 crc32c, crc32c_combine = _native.bind(crc32c=_software_crc32c, crc32c_combine=_software_crc32c_combine)
-implementation = _native.implementation
-is_compiled = _native.is_compiled
+implementation, is_compiled = _native.implementation, _native.is_compiled

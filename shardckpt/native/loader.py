@@ -33,7 +33,7 @@ class Native:
     ``fallback`` names the slow path in the warning (and is what ``implementation()``
     reports without the extension); ``consequence`` says what it costs."""
 
-    def __init__(self, name: str, force_env: str, fallback: str, label: str, consequence: str) -> None:
+    def __init__(self, name: str, force_env: str, *, fallback: str, label: str, consequence: str) -> None:
         self.module: ModuleType | None = None
         self.import_error: ImportError | None = None
         self.force_env = force_env

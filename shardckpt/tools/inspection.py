@@ -39,7 +39,7 @@ from typing import Any
 from ..backends import Storage, open_storage
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format import jsoncodec
-from ..format.manifest import MANIFEST_NAME, Entry, Manifest, TensorEntry
+from ..format.manifest import MANIFEST_NAME, Entry, Manifest, TensorEntry, header_fields
 from ..store import (
     OWNER_MARKER,
     UNUSABLE,
@@ -222,12 +222,7 @@ def inspect(path: PathLike, *, keys: Sequence[str] | None = None, storage_option
     return {
         "path": ckpt.url,
         "format_version": m.version,
-        "save_id": m.save_id,
-        "world_size": m.world_size,
-        "created_unix": m.created_unix,
-        "chunk_bytes": m.chunk_bytes,
-        "library": dict(m.library),
-        "metadata": dict(m.metadata),
+        **header_fields(m),
         "files": dict(m.files),
         "indexes": {str(r): rel for r, (rel, _) in sorted(m.indexes.items())},
         "totals": {
