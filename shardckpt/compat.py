@@ -2,7 +2,9 @@
 
 torch keeps these names private, so any release may move them: when one breaks,
 this is the only file to mend. Each is small and replaceable: the nested-dict
-helpers flatten a state_dict the way DCP does (so our keys match DCP's), the chunk
+helpers flatten a state_dict the way DCP does (so our keys match DCP's),
+``DcpStorageInfo`` is where DCP's file layout puts an item (the converters read
+and write DCP checkpoints), the chunk
 list is the local box of a tensor/DTensor/ShardedTensor as DCP computes it, and
 the gloo timeout lets a collective fail in ``collective_timeout_s`` rather than
 torch's 30 minutes.
@@ -20,9 +22,10 @@ from torch.distributed.checkpoint._nested_dict import (
     set_element,
     unflatten_state_dict,
 )
+from torch.distributed.checkpoint.filesystem import _StorageInfo as DcpStorageInfo
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list
 
-__all__ = ["flatten_state_dict", "unflatten_state_dict", "set_element", "local_chunks", "gloo_backend",
+__all__ = ["flatten_state_dict", "unflatten_state_dict", "set_element", "local_chunks", "DcpStorageInfo", "gloo_backend",
            "gloo_timeout", "set_gloo_timeout"]
 
 

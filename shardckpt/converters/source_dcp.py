@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from ..backends import Storage
+from ..compat import DcpStorageInfo
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ..format.layout import DTYPES
 from ..io.shard_reader import OpenFiles
@@ -80,7 +80,7 @@ def _get_layout(name: str) -> torch.layout:
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     **{("torch.distributed.checkpoint.metadata", n): getattr(dcp_md, n) for n in _MD_CLASSES},
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): DcpStorageInfo,
     ("torch", "Size"): torch.Size,
     **{("torch", n): d for n, d in DTYPES.items()},
     ("torch.serialization", "_get_layout"): _get_layout,
@@ -165,7 +165,7 @@ class DcpSource:
         paths = md.planner_data if isinstance(md.planner_data, dict) else {}
         infos: dict[tuple[str, tuple[int, ...] | None], tuple[str, int, int]] = {}
         for idx, info in storage_data.items():
-            if type(idx) is not dcp_md.MetadataIndex or type(info) is not _StorageInfo:
+            if type(idx) is not dcp_md.MetadataIndex or type(info) is not DcpStorageInfo:
                 raise CorruptCheckpointError(f"{where}: storage_data holds {type(idx).__name__} -> "
                                              f"{type(info).__name__}, not MetadataIndex -> _StorageInfo", file=where)
             fqn = idx.__dict__.get("fqn")

@@ -30,10 +30,10 @@ from typing import IO, Any
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 
 from ..backends import Storage
-from ..compat import unflatten_state_dict
+from ..compat import DcpStorageInfo, unflatten_state_dict
 from .items import ByteProgress, Dropped, Source
 from .output import OutFile, Written, checked_pieces, encoded_objects
 from .plan import Plan, Planned
@@ -230,14 +230,14 @@ def write_dcp(storage: Storage, plan: Plan, source: Source, max_bytes: int, prog
             zero = torch.Size([0] * t.dim())
             sd_md[p.key] = dcp_md.TensorStorageMetadata(
                 dcp_md.TensorProperties(dtype=p.dtype), t.shape, [dcp_md.ChunkStorageMetadata(zero, t.shape)])
-            storage_data[dcp_md.MetadataIndex(p.key, zero)] = _StorageInfo(data_rel, start, out.size - start)
+            storage_data[dcp_md.MetadataIndex(p.key, zero)] = DcpStorageInfo(data_rel, start, out.size - start)
             paths[p.key] = p.key_path
             del t  # one tensor at a time: gone before the next is assembled
         for o, (_, _, value) in encoded_objects(source, plan.objects, done):
             start = out.size
             torch.save(value, typing.cast(IO[bytes], out))
             sd_md[o.key] = dcp_md.BytesStorageMetadata()
-            storage_data[dcp_md.MetadataIndex(o.key)] = _StorageInfo(data_rel, start, out.size - start)
+            storage_data[dcp_md.MetadataIndex(o.key)] = DcpStorageInfo(data_rel, start, out.size - start)
             paths[o.key] = o.key_path
         out.close()
     except BaseException:

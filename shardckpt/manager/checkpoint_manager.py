@@ -36,7 +36,8 @@ tensor is written again; Stateful ``load_state_dict`` runs only after a load
 succeeded); if none succeeds the call raises and the state is garbage.
 ``"before"``: the ranks verify a candidate together (1/N each) and load only
 one that verified (the state is never touched by a corrupt one; read twice).
-``False`` is the same as ``True``: no load skips its checks.
+``False`` cannot turn the checks off (every load verifies what it reads): it is
+accepted for 0.1 code, warns that it has no effect, and behaves as ``True``.
 
 Preemption: see ``install_signal_handlers`` (torchrun ``--max-restarts``).
 Tiers (``local_root=``, ``shardckpt.manager.tiers``): saves go to node-local storage with
@@ -50,6 +51,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
@@ -161,6 +163,10 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         if verify_on_restore not in (True, False, "before"):
             raise ValueError(f"verify_on_restore must be True, False or 'before', not {verify_on_restore!r}")
+        if verify_on_restore is False:
+            warnings.warn("CheckpointManager(verify_on_restore=False) has no effect: every load verifies each "
+                          "chunk it reads (True); pass True or 'before'", DeprecationWarning, stacklevel=2)
+            verify_on_restore = True
         self.verify_on_restore = verify_on_restore
         self.check_replicas = check_mode(check_replicas)
         self.storage_options = dict(storage_options) if storage_options is not None else None

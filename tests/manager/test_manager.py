@@ -140,10 +140,12 @@ def test_all_corrupt_raises_never_fresh(tmp_path):
         run(mgr, [1, 2])
     flip_shard_byte(root, 1, 0)
     flip_shard_byte(root, 2, 0)
-    with CheckpointManager(root, verify_on_restore=False) as mgr:
-        with pytest.raises(CorruptCheckpointError, match="none is usable") as ei:
-            mgr.restore(Tiny())
-    assert set(ei.value.reasons) == {1, 2}
+    # verify_on_restore=False cannot turn the checks off: it warns, and the load still checks
+    with pytest.warns(DeprecationWarning, match="has no effect"):
+        mgr = CheckpointManager(root, verify_on_restore=False)
+    with mgr, pytest.raises(CorruptCheckpointError, match="none is usable") as ei:
+        mgr.restore(Tiny())
+    assert set(ei.value.reasons) == {1, 2} and mgr.verify_on_restore is True
 
 
 def test_incomplete_newest_falls_back_and_only_incomplete_raises(tmp_path, caplog):

@@ -35,7 +35,6 @@ except ImportError:  # reported by test_compiled_extension_is_active
 
 pytestmark = pytest.mark.filterwarnings("ignore:shardckpt is using the slow:RuntimeWarning")
 
-ALLOW_SOFTWARE = os.environ.get("SHARDCKPT_ALLOW_SOFTWARE_CRC", "") == "1"
 SOFTWARE_FORCED = os.environ.get("SHARDCKPT_FORCE_SOFTWARE_CRC", "").strip().lower() in (
     "1",
     "true",
