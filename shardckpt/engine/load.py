@@ -9,7 +9,7 @@ grid (``TensorEntry.overlapping``), reads them (looking each up in its writer's
 index on first use) and only a success/failure status is exchanged. When
 replicated pieces are to be read once and shared (``knobs.shared_reads``), the
 local plans do go to the coordinator, which assigns each shared piece a reader
-(``dcp/_shared_reads.py``).
+(``io/shared_reads.py``).
 
 Call order: [all] read manifest → status; [all] plan locally → status;
 ([coord] shared-read plan, scattered); [all] read_data → status.

@@ -1,20 +1,21 @@
 """Replica divergence check: items stored under the same key on several ranks.
 
-DCP's planner treats an item that several ranks save under the same index
-(a plain tensor or value under the same key, a ``Replicate()`` DTensor shard) as
-one replicated item and writes one rank's copy. If the ranks' copies differ —
-DDP replicas drifted through a bug or nondeterminism — the others are dropped
-silently. This module makes that loud, in three steps of ``plan_save``:
+Save planning (``planning.plan_globally``) keeps one copy of an item that several
+ranks save under the same key and box (a plain tensor or value under the same
+key, a ``Replicate()`` DTensor shard). If the ranks' copies differ (DDP replicas
+drifted through a bug or nondeterminism), the others would be dropped silently.
+This module makes that loud, in three steps of ``save.plan_save``:
 
-1. [coord] ``replicated_positions(plans)``: before DCP's dedup, which positions
-   of each rank's local plan are held by more than one rank (hashing, linear in
-   the number of items).
+1. [coord] planning marks, per rank, the positions of its items another rank
+   holds too (``Assignment.replicated``; none for sharded states: then only a
+   status is gathered and this check costs nothing).
 2. [all]   ``fingerprints(planner, plan, positions)``: CRC32C of this rank's bytes
-   of each such item (tensors at memory speed, GIL released; values as DCP
-   serializes them). Only these small integers are gathered, to the coordinator.
-3. [coord] ``divergence(...)``: the keys whose copies differ and which ranks
-   hold which copy; ``plan_save`` raises ``CheckpointWriteError`` before any
-   byte is written (``check_replicas="error"``, the default) or warns.
+   of each such item (tensors at memory speed, GIL released; values as the
+   writer stores them). Only these small integers go to the coordinator.
+3. [coord] ``divergence_of(held, crcs)`` over their cross-rank names
+   (``replica_key``): the keys whose copies differ and which ranks hold which
+   copy; ``plan_save`` raises ``CheckpointWriteError`` before any byte is written
+   (``check_replicas="error"``, the default) or warns.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 scaler, RNG of every rank, data position, progress, extras), ``ResumableSampler``
 (a ``DistributedSampler`` whose position reshards), and the RNG helpers.
 
+May import: ``collectives``, ``format`` (the JSON codec), ``errors``. An entry
+point: users build it; the manager and the demo use it.
+
 >>> state = TrainState(model=model, optimizer=opt, sampler=ResumableSampler(ds))
 >>> shardckpt.save({"train": state}, "ckpts/step_100")
 """

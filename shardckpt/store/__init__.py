@@ -1,7 +1,12 @@
 """What checkpoints *mean* on any byte backend: a checkpoint directory's lifecycle
-(prepare, probe, commit, read, verify, delete) and a root of step checkpoints
-(listing without a lock, retention, owner marker). The manager, the save and
-load paths, and tools all go through this one layer."""
+(``checkpoint``: prepare, probe, commit, read, verify, delete), the commit
+strategies picked from a backend's capabilities (``commit``), a root of step
+checkpoints (``root``: listing without a lock), retention policies
+(``retention``), the owner marker (``owner``) and verification (``verify``).
+
+May import: ``format``, ``backends``, ``native``, ``errors``, ``knobs``. Used by
+``io``, the engine, the manager, tools and converters alike.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,15 @@
 """Multi-tier checkpoints: a node-local tier (each rank's shard on its own node,
 copies on other nodes) under a durable root, used by ``CheckpointManager``'s
-``local_root=`` (see ``tiers.tiered`` for the flow, ``tiers.local`` for the
-layout and call order)."""
+``local_root=``: the flow (``tiered``), the local tier's layout and call order
+(``local_tier``), its commit record (``local_commit``), which local step can be
+restored (``candidates``), shard transfers between ranks (``exchange``), node
+ids and replica placement (``nodes``), listing (``listing``) and a staged view of
+the state (``view``).
+
+May import: the public API and ``engine.save`` (a tier saves and loads like any
+checkpoint), ``store``, ``backends``, ``format``, ``native``, ``collectives``,
+``errors``, ``knobs``.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Layout on each node::
     <local_root>/step_0000000030/
         rank_00000/      # a single-process shardckpt checkpoint of rank 0's local view
         rank_00003/      # a replica: rank 3 runs on another node
-        COMMIT.json      # written last, once every rank agreed (tiers.marker)
+        COMMIT.json      # written last, once every rank agreed (local_commit)
 
 Call order of a local save (background thread; ``[all]`` every rank of the
 tier's own gloo group, ``[leader]`` the lowest rank of each node):

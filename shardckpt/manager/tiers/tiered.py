@@ -17,7 +17,7 @@ Saving (``Tiers.save``, caller's thread, every rank):
 
 Restoring (``Tiers.restore``, every rank): every node reports its local steps
 (only the node's first rank reads its files), every rank plans the same way
-from the same reports (``tiers.plan``), and the newest usable local step not
+from the same reports (``candidates``), and the newest usable local step not
 older than the durable tier's newest valid step is loaded, fetching shards a
 replaced node lacks from the peers holding copies. Otherwise the manager
 restores from the durable tier, resharding as usual.
