@@ -40,7 +40,7 @@ from .errors import ShardckptError
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["Group", "Failed", "attempt", "raise_gathered", "collective_deadline"]
+__all__ = ["Group", "Failed", "attempt", "raise_gathered", "collective_deadline", "group_key", "SINGLE_PROCESS"]
 
 
 class Failed:
@@ -86,6 +86,24 @@ def collective_deadline(group: dist.ProcessGroup | None, timeout_s: int) -> Iter
         compat.set_gloo_timeout(backend, previous)
 
 
+class _SingleProcess:
+    """The key of per-group state in a process without torch.distributed."""
+
+
+SINGLE_PROCESS = _SingleProcess()
+
+
+def group_key(pg: dist.ProcessGroup | None) -> object:
+    """The object per-group state (plan caches, default async checkpointers) is kept
+    under, in a ``weakref.WeakKeyDictionary``: the process group itself, so the
+    state goes when the group does and a new group never inherits it (an ``id()``
+    can be reused); the default group's object for None; ``SINGLE_PROCESS``
+    without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE_PROCESS
+    return pg if pg is not None else dist.group.WORLD
+
+
 class Group:
     """The process group a call runs over, or a single process; ``knobs``: the
     call's snapshot (its ``collective_timeout_s`` bounds every collective)."""
@@ -97,6 +115,11 @@ class Group:
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.world_size = dist.get_world_size(group) if self.enabled else 1
         self.is_coordinator = self.rank == 0
+
+    @property
+    def key(self) -> object:
+        """``group_key`` of this group."""
+        return group_key(self.group)
 
     @property
     def distributed(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from .. import knobs as knobs_mod
-from ..collectives import Group
+from ..collectives import Group, group_key
 from ..errors import CheckpointWriteError, SaveInProgressError, ShardckptError
 from ..format.codec import Compression
 from ..format.objects import resolve_object
@@ -231,13 +232,14 @@ class AsyncCheckpointer:
         self.close()
 
 
-_defaults: dict[int, AsyncCheckpointer] = {}
+# Per process group, weakly (collectives.group_key): never an id() a new group could reuse.
+_defaults: weakref.WeakKeyDictionary[object, AsyncCheckpointer] = weakref.WeakKeyDictionary()
 _defaults_lock = threading.Lock()
 
 
 def default_checkpointer(process_group: dist.ProcessGroup | None) -> AsyncCheckpointer:
     """The checkpointer ``shardckpt.async_save`` uses for this process group."""
-    key = id(process_group)
+    key = group_key(process_group)
     with _defaults_lock:
         ckpt = _defaults.get(key)
         if ckpt is None or ckpt._closed:

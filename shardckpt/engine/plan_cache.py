@@ -15,6 +15,7 @@ same planning.
 from __future__ import annotations
 
 import secrets
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,8 @@ class CachedPlan:
     replicated_of: tuple[tuple[int, ...], ...] | None  # coordinator only: per rank, its replicated positions
 
 
-_cache: dict[tuple[object, int, int], CachedPlan] = {}
-
-
-def _key(group: Group) -> tuple[object, int, int]:
-    return (id(group.group) if group.group is not None else None, group.rank, group.world_size)
+# Per process group, weakly (collectives.group_key): a plan never outlives its group.
+_cache: weakref.WeakKeyDictionary[object, CachedPlan] = weakref.WeakKeyDictionary()
 
 
 def new_generation() -> int:
@@ -53,7 +51,7 @@ def new_generation() -> int:
 def lookup(group: Group, digest: bytes | None) -> CachedPlan | None:
     """[all, collective] The cached plan if every rank can reuse its own, else None.
     ``digest`` None: this rank's local planning failed (full planning reports it)."""
-    cached = _cache.get(_key(group))
+    cached = _cache.get(group.key)
     usable = cached is not None and digest is not None and cached.digest == digest
     gen = cached.generation if usable and cached is not None else 0
     lo, neg_hi, ok = group.min_over_ranks("agreeing on a cached plan", [gen, -gen, int(usable)],
@@ -62,7 +60,7 @@ def lookup(group: Group, digest: bytes | None) -> CachedPlan | None:
 
 
 def remember(group: Group, plan: CachedPlan) -> None:
-    _cache[_key(group)] = plan
+    _cache[group.key] = plan
 
 
 def forget_all() -> None:
@@ -74,7 +72,7 @@ def forget_all() -> None:
 # -- this rank's local plan: DCP's create_local_plan, skipped when the flattened
 # state_dict has the same structure (what each WriteItem is made of) as last time
 
-_local: dict[tuple[object, int, int], tuple[tuple[Any, ...], Any]] = {}
+_local: weakref.WeakKeyDictionary[object, tuple[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 
 def local_fingerprint(flat: dict[str, Any], mappings: Any) -> tuple[Any, ...] | None:
@@ -87,8 +85,10 @@ def local_fingerprint(flat: dict[str, Any], mappings: Any) -> tuple[Any, ...] | 
         path = tuple(mappings.get(key, (key,))) if isinstance(mappings, dict) else (key,)
         if isinstance(v, DTensor):
             mesh = v.device_mesh
-            out.append((key, path, "d", v.dtype, tuple(v.shape), id(mesh), tuple(mesh.mesh.shape),
-                        tuple(mesh.get_coordinate() or ()), tuple(v.placements), tuple(v.to_local().shape)))
+            # the mesh by its ranks and names, not its id(): a new mesh may reuse a freed one's
+            out.append((key, path, "d", v.dtype, tuple(v.shape), tuple(mesh.mesh.flatten().tolist()),
+                        tuple(mesh.mesh.shape), mesh.mesh_dim_names, tuple(mesh.get_coordinate() or ()),
+                        tuple(v.placements), tuple(v.to_local().shape)))
         elif type(v) is torch.Tensor or type(v) is torch.nn.Parameter:
             out.append((key, path, "t", v.dtype, tuple(v.shape)))
         elif isinstance(v, torch.Tensor):
@@ -99,10 +99,10 @@ def local_fingerprint(flat: dict[str, Any], mappings: Any) -> tuple[Any, ...] | 
 
 
 def local_plan(group: Group, fp: tuple[Any, ...] | None) -> Any:
-    hit = _local.get(_key(group))
+    hit = _local.get(group.key)
     return hit[1] if fp is not None and hit is not None and hit[0] == fp else None
 
 
 def remember_local(group: Group, fp: tuple[Any, ...] | None, plan: Any) -> None:
     if fp is not None:
-        _local[_key(group)] = (fp, plan)
+        _local[group.key] = (fp, plan)
