@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from ..converters import TARGETS, ConvertReport, convert
-from ..converters.plan import parse_size
+from ..converters.selection import parse_size
 
 __all__ = ["add_convert_verb", "format_report"]
 

@@ -34,7 +34,7 @@ from ..format.codec import resolve as resolve_compression
 from ..format.manifest import DATA_DIR, MANIFEST_NAME
 from .items import ByteProgress, Dropped, Source
 from .output import Written, require_absent, require_empty_dir
-from .plan import make_plan, parse_dtype, parse_size
+from .selection import make_plan, parse_dtype, parse_size
 from .source_dcp import DCP_METADATA, DcpSource
 from .source_files import HF_INDEX, HF_SINGLE, SafetensorsSource, TorchSource, read_hf_index
 from .source_shardckpt import ShardckptSource

@@ -27,7 +27,7 @@ from ..backends import Storage
 from ..errors import CheckpointExistsError, CheckpointWriteError, CorruptCheckpointError
 from ..format.objects import encode_object, raw_bytesio
 from .items import ByteProgress, Dropped, Source
-from .plan import Planned, PlannedObject
+from .selection import Planned, PlannedObject
 
 __all__ = ["OutFile", "Written", "checked_pieces", "encode_value", "require_absent", "require_empty_dir",
            "encoded_objects"]

@@ -43,7 +43,7 @@ from ..io.shard_writer import ShardWriter
 from ..store import CheckpointDir
 from .items import ByteProgress, Source
 from .output import Written, checked_pieces, encoded_objects
-from .plan import Plan
+from .selection import Plan
 
 __all__ = ["write_shardckpt"]
 

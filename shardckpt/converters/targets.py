@@ -36,8 +36,8 @@ from ..backends import Storage
 from ..compat import DcpStorageInfo, unflatten_state_dict
 from .items import ByteProgress, Dropped, Source
 from .output import OutFile, Written, checked_pieces, encoded_objects
-from .plan import Plan, Planned
 from .safetensors_format import METADATA_KEY, build_header, layout_order, st_dtype_name
+from .selection import Plan, Planned
 from .source_dcp import DCP_METADATA
 from .source_files import HF_INDEX, HF_SINGLE
 

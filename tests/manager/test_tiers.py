@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from shardckpt import CheckpointManager
 from shardckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from shardckpt.manager.tiers import MARKER_NAME, LocalCommit, replica_targets
+from shardckpt.manager.tiers import COMMIT_NAME, LocalCommit, replica_targets
 from shardckpt.manager.tiers.candidates import (
     NodeReport,
     StepFiles,
@@ -114,7 +114,7 @@ def test_single_process_tiers_retention_list_and_restore(tmp_path, caplog, async
     # remote: persisted steps 4 and 8 (keep_last=2); local: the 2 newest saves, 9 and 10
     assert listed == [(4, "valid", ("remote",)), (8, "valid", ("remote",)), (9, "valid", ("local",)),
                       (10, "valid", ("local",))]
-    assert sorted(os.listdir(tmp_path / "local" / "step_0000000010")) == [MARKER_NAME, "rank_00000"]
+    assert sorted(os.listdir(tmp_path / "local" / "step_0000000010")) == [COMMIT_NAME, "rank_00000"]
     caplog.clear()
     state = Tiny()
     with _tiers_mgr(tmp_path) as mgr:
@@ -138,7 +138,7 @@ def test_local_step_damaged_or_lost_falls_back_across_tiers(tmp_path, caplog):
         assert mgr.restore(state) == 9  # the previous local step, still newer than remote 8
     assert "local step 10 is corrupt" in caplog.text and torch.equal(state.w, torch.arange(64.0) + 9)
     # a damaged marker: listed as corrupt naming the file; restore goes on to the next step
-    marker = tmp_path / "local" / "step_0000000009" / MARKER_NAME
+    marker = tmp_path / "local" / "step_0000000009" / COMMIT_NAME
     marker.write_bytes(marker.read_bytes().replace(b'"step":9', b'"step":7'))
     with _tiers_mgr(tmp_path) as mgr:
         by_step = {c.step: c for c in mgr.list()}
@@ -151,7 +151,7 @@ def test_only_unusable_local_steps_and_no_remote_refuses_a_fresh_start(tmp_path)
     with _tiers_mgr(tmp_path, persist_interval_steps=None) as mgr:
         run(mgr, [1, 2])
     for step in (1, 2):
-        os.remove(tmp_path / "local" / f"step_{step:010d}" / MARKER_NAME)
+        os.remove(tmp_path / "local" / f"step_{step:010d}" / COMMIT_NAME)
     with _tiers_mgr(tmp_path, persist_interval_steps=None) as mgr, \
             pytest.raises(IncompleteCheckpointError, match="refusing to start fresh") as ei:
         mgr.restore(Tiny())
@@ -216,8 +216,8 @@ def _two_ranks_one_node(rank, world, tmp):
     assert torch.equal(two["w"].full_tensor(), sd(2)["w"].full_tensor()) and two["n"] == 2
     if rank == 0:
         local = sorted(os.listdir(f"{tmp}/local/step_0000000003"))
-        assert local == [MARKER_NAME, "rank_00000", "rank_00001"], local
-        marker = json.loads(open(f"{tmp}/local/step_0000000003/{MARKER_NAME}").read())
+        assert local == [COMMIT_NAME, "rank_00000", "rank_00001"], local
+        marker = json.loads(open(f"{tmp}/local/step_0000000003/{COMMIT_NAME}").read())
         assert marker["replicas"] == [[], []] and marker["world_size"] == 2
     dist.barrier()
 

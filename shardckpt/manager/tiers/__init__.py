@@ -14,11 +14,11 @@ checkpoint), ``store``, ``backends``, ``format``, ``native``, ``collectives``,
 from __future__ import annotations
 
 from .listing import is_local_root, list_local, merge_tiers, tier_rows
-from .local_commit import MARKER_NAME, LocalCommit
+from .local_commit import COMMIT_NAME, LocalCommit
 from .local_tier import LocalTier
 from .nodes import node_id, replica_targets
 from .tiered import Tiers, check_tier_args
 
-__all__ = ["LocalTier", "Tiers", "LocalCommit", "MARKER_NAME", "node_id", "replica_targets",
+__all__ = ["LocalTier", "Tiers", "LocalCommit", "COMMIT_NAME", "node_id", "replica_targets",
            "list_local", "merge_tiers", "is_local_root", "check_tier_args",
            "tier_rows"]

@@ -11,7 +11,7 @@ from typing import Any
 from ...backends import open_storage
 from ...store import CheckpointRoot
 from ...store.retention import CheckpointInfo
-from .local_commit import MARKER_NAME
+from .local_commit import COMMIT_NAME
 from .local_tier import root_infos
 
 __all__ = ["list_local", "merge_tiers", "is_local_root", "tier_rows"]
@@ -47,7 +47,7 @@ def is_local_root(path: str | os.PathLike[str], storage_options: dict[str, Any] 
         root = CheckpointRoot(open_storage(path, storage_options))
         for step in root.steps()[-3:]:
             names = root.checkpoint(step).storage.listdir()
-            if MARKER_NAME in names or any(n.startswith("rank_") for n in names):
+            if COMMIT_NAME in names or any(n.startswith("rank_") for n in names):
                 return True
     except (OSError, ValueError):
         return False

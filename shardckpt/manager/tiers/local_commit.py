@@ -25,9 +25,9 @@ from ...errors import CorruptCheckpointError
 from ...format import jsoncodec
 from ...native.crc32c import crc32c
 
-__all__ = ["MARKER_NAME", "LocalCommit", "encode_commit", "decode_commit"]
+__all__ = ["COMMIT_NAME", "LocalCommit", "encode_commit", "decode_commit"]
 
-MARKER_NAME = "COMMIT.json"
+COMMIT_NAME = "COMMIT.json"
 _VERSION = 1
 
 

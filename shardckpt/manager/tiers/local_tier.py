@@ -56,7 +56,7 @@ from ...store import UNUSABLE, CheckpointDir, CheckpointRoot, commit_strategy, s
 from ...store.retention import CheckpointInfo, KeepLast, steps_to_delete
 from .candidates import LocalCandidate, NodeReport, StepFiles
 from .exchange import Receive, Send, transfer
-from .local_commit import MARKER_NAME, LocalCommit, decode_commit, encode_commit
+from .local_commit import COMMIT_NAME, LocalCommit, decode_commit, encode_commit
 from .nodes import node_id, node_members, replica_sources, replica_targets
 from .view import LocalView, layout_digest
 
@@ -153,12 +153,12 @@ class LocalTier:
             self.retain(in_flight=())
 
     def _publish(self, step_s: Any, commit: LocalCommit) -> None:
-        commit_strategy(step_s).publish(step_s, MARKER_NAME, encode_commit(commit))
+        commit_strategy(step_s).publish(step_s, COMMIT_NAME, encode_commit(commit))
 
     def _uncommit(self, step: int) -> None:
         s = self.step_storage(step)
-        if s.exists(MARKER_NAME):
-            s.remove(MARKER_NAME)
+        if s.exists(COMMIT_NAME):
+            s.remove(COMMIT_NAME)
             s.sync_dir("")
 
     # --------------------------------------------------------------- retention
@@ -231,9 +231,9 @@ def scan_root(root: CheckpointRoot) -> dict[int, StepFiles]:
             names = s.listdir()
         except (FileNotFoundError, NotADirectoryError):
             continue  # removed while we looked, or not a step directory
-        if MARKER_NAME in names:
+        if COMMIT_NAME in names:
             try:
-                marker = decode_commit(s.read_bytes(MARKER_NAME), f"{s.url}/{MARKER_NAME}")
+                marker = decode_commit(s.read_bytes(COMMIT_NAME), f"{s.url}/{COMMIT_NAME}")
             except CorruptCheckpointError as e:
                 marker = str(e)
             except FileNotFoundError:
