@@ -155,7 +155,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    quiet_warnings()
+    quiet_warnings(pinned_memory=True)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     if world != PHASES[args.phase]:
