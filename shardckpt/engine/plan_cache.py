@@ -81,14 +81,19 @@ def local_fingerprint(flat: dict[str, Any], mappings: Any) -> tuple[Any, ...] | 
     shape. None (never cached) for anything else that is a tensor (ShardedTensor,
     subclasses): their plans come from hooks this cannot see."""
     out = []
+    meshes: dict[int, tuple[Any, ...]] = {}  # (this call's meshes are alive: their ids are unique here)
     for key, v in flat.items():
         path = tuple(mappings.get(key, (key,))) if isinstance(mappings, dict) else (key,)
         if isinstance(v, DTensor):
             mesh = v.device_mesh
-            # the mesh by its ranks and names, not its id(): a new mesh may reuse a freed one's
-            out.append((key, path, "d", v.dtype, tuple(v.shape), tuple(mesh.mesh.flatten().tolist()),
-                        tuple(mesh.mesh.shape), mesh.mesh_dim_names, tuple(mesh.get_coordinate() or ()),
-                        tuple(v.placements), tuple(v.to_local().shape)))
+            # the mesh by its ranks, names and our coordinate, not its id(): a new mesh
+            # may reuse a freed one's; described once per mesh (a tensor op each time is not free)
+            desc = meshes.get(id(mesh))
+            if desc is None:
+                desc = meshes[id(mesh)] = (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape),
+                                           mesh.mesh_dim_names, tuple(mesh.get_coordinate() or ()))
+            out.append((key, path, "d", v.dtype, tuple(v.shape), desc, tuple(v.placements),
+                        tuple(v.to_local().shape)))
         elif type(v) is torch.Tensor or type(v) is torch.nn.Parameter:
             out.append((key, path, "t", v.dtype, tuple(v.shape)))
         elif isinstance(v, torch.Tensor):

@@ -53,7 +53,7 @@ def encode_index(save_id: str, rank: int, items: list[tuple[int, int, BlobRef]])
     doc = {"format": INDEX_FORMAT, "version": _VERSION, "save_id": save_id, "rank": rank, "files": files,
            "items": [[k, j, no[b.file], b.offset, [_chunk_json(c) for c in b.chunks]]
                      for k, j, b in sorted(items, key=lambda t: (t[0], t[1]))]}
-    return json_encode(doc)
+    return json_encode(doc, checked=True)
 
 
 class Indexes:
@@ -138,7 +138,7 @@ class Indexes:
 
     def _items(self, rank: int, data: bytes) -> dict[tuple[int, int], TensorShard]:
         doc = json_decode(data)
-        if not isinstance(doc, dict) or json_encode(doc) != data:
+        if not isinstance(doc, dict) or json_encode(doc, checked=True) != data:
             raise Bad("index is not canonical JSON")
         head = (doc.get("format"), doc.get("version"), doc.get("save_id"), doc.get("rank"))
         if head != (INDEX_FORMAT, _VERSION, self._save_id, rank):

@@ -127,9 +127,10 @@ def encode_manifest(m: Manifest) -> bytes:
     }
     if m.version >= 2:
         doc["body"]["indexes"] = {rel: {"rank": r, "crc32c": f"{crc:08x}"} for r, (rel, crc) in m.indexes.items()}
-    # (tuples=True: metadata given to a DCP writer or a converter may hold tuples; they read back as lists)
-    doc["crc32c"] = f"{crc32c(json_encode(doc, tuples=True)):08x}"
-    return json_encode(doc, tuples=True)
+    # checked: every value here is a JSON value (the builder normalized the metadata,
+    # inline object values passed jsoncodec.is_exact when they were encoded)
+    doc["crc32c"] = f"{crc32c(json_encode(doc, checked=True)):08x}"
+    return json_encode(doc, checked=True)
 
 
 # ---------------------------------------------------------------- decoding
@@ -238,12 +239,12 @@ def decode_manifest(data: bytes, source: str = MANIFEST_NAME, read_index: ReadIn
             raise _Bad(f"format version {version} is newer than this shardckpt supports ({VERSION})")
         stored_crc = _req(doc, "crc32c", str, "manifest")
         body_doc = {k: v for k, v in doc.items() if k != "crc32c"}
-        if stored_crc != f"{crc32c(json_encode(body_doc)):08x}":
+        if stored_crc != f"{crc32c(json_encode(body_doc, checked=True)):08x}":
             raise _Bad("manifest CRC32C mismatch (the manifest was modified or damaged)")
         # The CRC covers the parsed document; requiring the exact canonical bytes too
         # makes every byte of the file count (an escape's hex case, a float's
         # redundant digit, an exponent's 'E' or added whitespace parse the same).
-        if data != json_encode(doc):
+        if data != json_encode(doc, checked=True):
             raise _Bad("manifest bytes are not in canonical form (the manifest was modified or damaged)")
         body = _req(doc, "body", dict, "manifest")
         files: dict[str, int] = {}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointWriteError
+from ..format import jsoncodec
 from ..format.entries import LaidOutShards
 from ..format.grid import Layout
 from ..format.index import index_name
@@ -140,7 +141,12 @@ def new_manifest(save_id: str, world_size: int, files: Mapping[str, int], entrie
                  chunk_bytes: int, metadata: Mapping[str, Any], indexes: dict[int, tuple[str, int]] | None = None,
                  ) -> Manifest:
     """A manifest of this library, now. ``chunk_bytes``: the largest chunk any rank
-    wrote (ranks may run with other knob values)."""
+    wrote (ranks may run with other knob values). ``metadata`` is stored as JSON
+    (tuples read back as lists; a value JSON cannot hold is refused, naming it)."""
+    try:
+        metadata = jsoncodec.from_safe(jsoncodec.to_safe(dict(metadata), "metadata", tuples=True))
+    except (jsoncodec.JsonValueError, RecursionError) as e:
+        raise CheckpointWriteError(f"save metadata must be JSON: {e}") from None
     return Manifest(
         save_id=save_id, world_size=world_size, created_unix=time.time(), chunk_bytes=chunk_bytes,
         files=dict(sorted(files.items())), entries=entries, library=library_versions(),
