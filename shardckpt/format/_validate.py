@@ -5,6 +5,8 @@ Everything raises ``Bad`` with the place at fault; the decoders turn it into
 
 from __future__ import annotations
 
+import math
+
 import posixpath
 from collections.abc import Mapping
 from typing import Any
@@ -50,10 +52,14 @@ def nonneg_int(v: Any, where: str) -> int:
 
 
 def finite_float(v: int | float, where: str) -> float:
+    """``v`` as a finite float (JSON's safe form can carry NaN and infinities: not here)."""
     try:
-        return float(v)
+        f = float(v)
     except OverflowError:
         raise Bad(f"{where}: {v} is out of range") from None
+    if not math.isfinite(f):
+        raise Bad(f"{where}: {f} is not a finite number")
+    return f
 
 
 def int_list(v: Any, where: str) -> tuple[int, ...]:

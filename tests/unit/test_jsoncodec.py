@@ -125,3 +125,17 @@ def test_local_commit_marker_keeps_nonfinite_metrics():
                     metrics={"loss": math.nan, "acc": None, "best": -math.inf}, created_unix=1.0)
     back = decode_commit(encode_commit(c), "marker")
     assert math.isnan(back.metrics["loss"]) and back.metrics["acc"] is None and back.metrics["best"] == -math.inf
+
+
+def test_a_manifest_field_that_must_be_finite_refuses_the_safe_form():
+    """The safe form lets NaN into JSON; fields with a finite meaning still refuse it."""
+    from dataclasses import replace
+
+    from shardckpt.errors import CorruptCheckpointError
+    from shardckpt.format.manifest import Manifest, decode_manifest, encode_manifest
+
+    good = Manifest(save_id="s", world_size=1, created_unix=1.0, chunk_bytes=4, files={}, entries={},
+                    library={}, metadata={"loss": math.nan})
+    assert math.isnan(decode_manifest(encode_manifest(good)).metadata["loss"])
+    with pytest.raises(CorruptCheckpointError, match="created_unix.*not a finite number"):
+        decode_manifest(encode_manifest(replace(good, created_unix=math.inf)))
