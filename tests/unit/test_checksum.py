@@ -30,7 +30,7 @@ from shardckpt.native import crc32c as _checksum
 
 try:
     from shardckpt.native import _crc32c as _ext
-except ImportError:  # reported by test_compiled_extension_is_active
+except ImportError:  # reported by tests/unit/test_native.py::test_compiled_kernels_are_active
     _ext = None
 
 pytestmark = pytest.mark.filterwarnings("ignore:shardckpt is using the slow:RuntimeWarning")
