@@ -31,313 +31,30 @@ the job (see ``shardckpt.demo.worker``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-import torch
-
-from ..errors import IncompleteCheckpointError
-from ..format.manifest import MANIFEST_NAME
-from ..manager.checkpoint_manager import CheckpointManager, step_dirname
-from ..state import ResumableSampler
-from .worker import DemoConfig, make_dataset, make_model
+from ..manager.checkpoint_manager import CheckpointManager
+from .checks import ATOL, RTOL, check_params, check_samples, global_batches
+from .jobs import (
+    Job,
+    become_subreaper,
+    kill_mid_save,
+    last_step,
+    preempt,
+    read_json,
+    run_to_end,
+    started,
+)
+from .worker import DemoConfig
 
 __all__ = ["main", "RTOL", "ATOL"]
 
-#: Tolerance of the final-parameter comparison with the reference. The resumed job
-#: ran at 2, 3 and 1 ranks, the reference at 1: per-rank partial gradients are
-#: summed in a different order, which moves float32 results by a few ulps per
-#: step, and AdamW carries that on. Measured max |diff|: 2e-7 to 5e-7. A real resume
-#: bug is far above: one batch repeated at step 30 of 48 moves the final
-#: parameters by 1.7e-3 (|threshold| = ATOL + RTOL * |p|, about 1.3e-5 here).
-RTOL, ATOL = 1e-4, 1e-5
-PHASE_TIMEOUT_S = 180.0
-_jobs: list[Job] = []  # every job started, so that none outlives the driver (Ctrl-C included)
-
-
-class Job:
-    """One ``torchrun`` launch of the worker, in a session of its own."""
-
-    def __init__(self, run_dir: str, root: str, phase: str, nproc: int, cfg: DemoConfig,
-                 extra: list[str] | None = None) -> None:
-        self.run_dir, self.root, self.phase, self.nproc = run_dir, root, phase, nproc
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "--max-restarts=0", "--monitor-interval=0.1",
-               "-m", "shardckpt.demo.worker", "--root", root, "--run-dir", run_dir,
-               "--phase", phase, "--config", json.dumps(dataclasses.asdict(cfg)), *(extra or [])]
-        # Workers import the very package this driver runs from, installed or not.
-        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
-        self.log_path = os.path.join(run_dir, "logs", f"{phase}.log")
-        self._log = open(self.log_path, "wb")
-        self.t0 = time.perf_counter()
-        # Its own session: a kill of the job's process group never reaches this driver.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        _jobs.append(self)
-        self.wall_s = 0.0
-
-    def worker_pids(self) -> list[int]:
-        pids = []
-        for r in range(self.nproc):
-            try:
-                with open(os.path.join(self.run_dir, "pids", f"{self.phase}.r{r}")) as f:
-                    pids.append(int(f.read()))
-            except (FileNotFoundError, ValueError):
-                pass
-        return pids
-
-    def signal_workers(self, sig: int) -> None:
-        for pid in self.worker_pids():
-            _signal_group(pid, sig)  # torchrun made each worker a session (group) leader
-
-    def kill(self) -> None:
-        """SIGKILL the agent and every worker at once, and wait until all are gone."""
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        self.signal_workers(signal.SIGKILL)
-        self.wait(30)
-        for pid in self.worker_pids():
-            _reap(pid)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        finally:
-            self.wall_s = time.perf_counter() - self.t0
-        self._log.close()
-        return rc
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 40) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _reap(pid: int, timeout: float = 15.0) -> None:
-    """Wait until ``pid`` is gone. Its parent (the agent) was killed, so it was
-    re-parented to us (a subreaper, when Linux allows) or to init."""
-    try:
-        os.waitpid(pid, 0)
-        return
-    except ChildProcessError:
-        pass
-    # A zombie still answers kill(pid, 0): a restarted manager would think the
-    # owner of the root is alive. Wait for init to reap it.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    time.sleep(0.02)
-                    continue
-        except FileNotFoundError:
-            return
-        except OSError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.05)
-
-
-def _become_subreaper() -> None:
-    # Orphaned workers of a killed agent are then re-parented to this driver, which
-    # reaps them at once, instead of to an init that may reap late.
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-        except (OSError, AttributeError):
-            pass
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _last_step(run_dir: str, phase: str) -> int:
-    """The newest step rank 0 of ``phase`` has logged as finished (0 if none)."""
-    last = 0
-    try:
-        with open(os.path.join(run_dir, "samples", f"{phase}.r0.jsonl")) as f:
-            for line in f:
-                try:
-                    last = json.loads(line)["step"]
-                except ValueError:
-                    break  # a line cut short by a kill
-    except FileNotFoundError:
-        pass
-    return last
-
-
-def _fail(job: Job, why: str) -> SystemExit:
-    if job.alive():
-        job.kill()
-    return SystemExit(f"\nshardckpt demo: phase {job.phase} {why}\n--- last lines of its log ---\n"
-                      f"{job.log_tail()}")
-
-
-def run_to_end(job: Job) -> None:
-    try:
-        rc = job.wait(PHASE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise _fail(job, f"did not finish in {PHASE_TIMEOUT_S:.0f} s") from None
-    if rc != 0:
-        raise _fail(job, f"failed with exit code {rc}")
-
-
-def kill_mid_save(job: Job) -> dict[str, Any]:
-    """Wait for rank 0 to freeze inside an uncommitted save, then SIGKILL the job."""
-    deadline = time.monotonic() + PHASE_TIMEOUT_S
-    markers = os.path.join(job.run_dir, "markers")
-    while time.monotonic() < deadline:
-        if not job.alive():
-            raise _fail(job, "ended before it could be killed mid-save")
-        for name in sorted(os.listdir(markers)):
-            info = _read_json(os.path.join(markers, name))
-            if info is None or not name.startswith("frozen_"):
-                continue
-            os.kill(info["pid"], signal.SIGSTOP)  # make sure: it may still be on its way there
-            step_dir = os.path.join(job.root, step_dirname(info["step"]))
-            if os.path.exists(os.path.join(step_dir, MANIFEST_NAME)):
-                os.remove(os.path.join(markers, name))
-                os.kill(info["pid"], signal.SIGCONT)  # it committed in the instant before the stop
-                continue
-            job.kill()
-            data = os.path.join(step_dir, "data")
-            files = [os.path.getsize(os.path.join(data, n)) for n in os.listdir(data)] if os.path.isdir(data) else []
-            try:
-                from ..api import verify
-
-                verify(step_dir)
-                loadable = "verify() succeeded"
-            except IncompleteCheckpointError as e:
-                loadable = f"IncompleteCheckpointError: {e}"
-            return {"step": info["step"], "jitter_ms": info["jitter_s"] * 1000, "files": len(files),
-                    "bytes": sum(files), "manifest": os.path.exists(os.path.join(step_dir, MANIFEST_NAME)),
-                    "verify": loadable, "last_step": _last_step(job.run_dir, job.phase)}
-        time.sleep(0.002)
-    raise _fail(job, "never froze mid-save")
-
-
-def preempt(job: Job, at_step: int) -> None:
-    """Once rank 0 finished ``at_step``, SIGTERM torchrun, as a scheduler preempting
-    the node does: it forwards the signal to every worker once and waits for them
-    (``--shutdown-timeout``); the workers save the step they reached and exit 143."""
-    deadline = time.monotonic() + PHASE_TIMEOUT_S
-    while _last_step(job.run_dir, job.phase) < at_step:
-        if not job.alive():
-            raise _fail(job, f"ended before step {at_step}")
-        if time.monotonic() > deadline:
-            raise _fail(job, f"did not reach step {at_step}")
-        time.sleep(0.01)
-    job.proc.send_signal(signal.SIGTERM)
-    try:
-        job.wait(60)
-    except subprocess.TimeoutExpired:
-        raise _fail(job, "did not exit after SIGTERM") from None
-
-
-# ------------------------------------------------------------------------------ checks
-
-
-def global_batches(run_dir: str, phase: str, world: int) -> dict[int, tuple[int, list[int]]]:
-    """step -> (epoch, the step's samples in global-order position), from every rank's log.
-
-    Rank ``r``'s ``j``-th sample of a step sits at position ``pos + j * world + r``."""
-    per_step: dict[int, dict[int, dict[str, Any]]] = {}
-    for r in range(world):
-        path = os.path.join(run_dir, "samples", f"{phase}.r{r}.jsonl")
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    break
-                per_step.setdefault(rec["step"], {})[r] = rec
-    out = {}
-    for step, recs in per_step.items():
-        if len(recs) < world or len({rec["pos"] for rec in recs.values()}) != 1:
-            continue  # cut short by the kill, or ranks disagreeing (then the step is missing)
-        merged = [0] * sum(len(rec["idx"]) for rec in recs.values())
-        for r, rec in recs.items():
-            for j, i in enumerate(rec["idx"]):
-                merged[j * world + r] = i
-        out[step] = (recs[0]["epoch"], merged)
-    return out
-
-
-def check_samples(cfg: DemoConfig, ref: dict, phases: list[tuple[dict, int, int]]) -> tuple[bool, str]:
-    """``phases``: (batches, first step it owns, last step it owns) of the killed/resumed job."""
-    job: dict[int, tuple[int, list[int]]] = {}
-    for batches, first, last in phases:
-        for s in range(first, last + 1):
-            if s in batches:
-                job[s] = batches[s]
-    steps = range(1, cfg.total_steps + 1)
-    missing = [s for s in steps if s not in job or s not in ref]
-    if missing:
-        return False, f"no complete record of steps {missing[:5]}"
-    diff = [s for s in steps if job[s] != ref[s]]
-    if diff:
-        return False, f"steps {diff[:5]} trained on other samples than the reference"
-    order = ResumableSampler(range(cfg.dataset_len), seed=cfg.seed)
-    by_epoch: dict[int, list[int]] = {}
-    for s in steps:
-        by_epoch.setdefault(job[s][0], []).extend(job[s][1])
-    for e, seq in by_epoch.items():
-        if seq != order.global_order(e)[: len(seq)].tolist():
-            return False, f"epoch {e} is not a prefix of its permutation"
-    n = sum(len(v) for v in by_epoch.values())
-    return True, (f"{n} samples in {len(steps)} steps identical to the reference, in order; each epoch "
-                  "follows its permutation with nothing repeated or skipped")
-
-
-def check_params(cfg: DemoConfig, ref_path: str, got_path: str) -> tuple[bool, str]:
-    ref = torch.load(ref_path, weights_only=True)
-    got = torch.load(got_path, weights_only=True)
-    init = make_model(cfg).state_dict()
-    if set(ref) != set(got):
-        return False, f"different parameter names: {sorted(set(ref) ^ set(got))}"
-    max_diff = max((ref[k] - got[k]).abs().max().item() for k in ref)
-    moved = max((ref[k] - init[k]).abs().max().item() for k in ref)
-    ok = all(torch.allclose(got[k], ref[k], rtol=RTOL, atol=ATOL) for k in ref)
-    losses = []
-    ds = make_dataset(cfg)
-    for sd in (ref, got):
-        model = make_model(cfg)
-        model.load_state_dict(sd)
-        with torch.no_grad():
-            losses.append(torch.nn.functional.mse_loss(model(ds.tensors[0]), ds.tensors[1]).item())
-    return ok, (f"allclose(rtol={RTOL:g}, atol={ATOL:g}): max |diff| {max_diff:.1e} (training moved "
-                f"them by up to {moved:.1e}); dataset loss {losses[1]:.5f} vs reference {losses[0]:.5f}")
-
-
-# ------------------------------------------------------------------------------- driver
 
 
 def _notable(run_dir: str, phase: str) -> list[str]:
@@ -373,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in ("samples", "markers", "pids", "logs"):
         os.makedirs(os.path.join(run_dir, d), exist_ok=True)
     root, ref_root = os.path.join(work, "ckpt"), os.path.join(work, "ckpt-reference")
-    _become_subreaper()
+    become_subreaper()
     t_start = time.perf_counter()
     print(f"shardckpt demo: {cfg.parallel.upper()} on CPU/gloo, {cfg.total_steps} steps of "
           f"{cfg.global_batch} samples, checkpoint every {cfg.save_interval} (async, keep_last=3), "
@@ -381,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ok = _run(cfg, rng, run_dir, root, ref_root)
     finally:
-        for job in _jobs:
+        for job in started:
             if job.alive():
                 job.kill()
         if not args.keep:
@@ -424,10 +141,10 @@ def _run(cfg: DemoConfig, rng: random.Random, run_dir: str, root: str, ref_root:
 
 def _report(cfg: DemoConfig, run_dir: str, root: str, jobs: dict[str, Job], torn: dict[str, Any],
             term_at: int) -> bool:
-    st = {n: _read_json(os.path.join(run_dir, f"{n}.start.json")) or {} for n in jobs}
-    end = {n: _read_json(os.path.join(run_dir, f"{n}.end.json")) or {} for n in jobs}
+    st = {n: read_json(os.path.join(run_dir, f"{n}.start.json")) or {} for n in jobs}
+    end = {n: read_json(os.path.join(run_dir, f"{n}.end.json")) or {} for n in jobs}
     r_c, r_d = st["c"].get("restored"), st["d"].get("restored")
-    last_b, last_c = torn["last_step"], _last_step(run_dir, "c")  # as logged by rank 0
+    last_b, last_c = torn["last_step"], last_step(run_dir, "c")  # as logged by rank 0
 
     wall = {n: f"{j.wall_s:.1f} s" for n, j in jobs.items()}
     restore = {n: f"{st[n].get('restore_s', 0):.2f} s" for n in ("c", "d")}

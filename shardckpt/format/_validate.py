@@ -6,7 +6,6 @@ Everything raises ``Bad`` with the place at fault; the decoders turn it into
 from __future__ import annotations
 
 import math
-
 import posixpath
 from collections.abc import Mapping
 from typing import Any

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from shardckpt import CheckpointManager
-from shardckpt.demo.driver import check_params, check_samples
+from shardckpt.demo.checks import check_params, check_samples
 from shardckpt.demo.worker import DemoConfig, make_model
 from shardckpt.state import ResumableSampler
 

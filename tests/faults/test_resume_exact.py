@@ -20,7 +20,8 @@ from tests.manifest_view import entries_view
 STEPS = 16
 DRIVER = textwrap.dedent("""
     import json, os, sys
-    from shardckpt.demo import driver as demo
+    from shardckpt.demo import jobs as demo
+    from shardckpt.demo.checks import global_batches
     from shardckpt.demo.worker import DemoConfig
 
     work = sys.argv[1]
@@ -28,7 +29,7 @@ DRIVER = textwrap.dedent("""
     run_dir = os.path.join(work, "run")
     for d in ("samples", "markers", "pids", "logs"):
         os.makedirs(os.path.join(run_dir, d), exist_ok=True)
-    demo._become_subreaper()
+    demo.become_subreaper()
     try:
         ref = demo.Job(run_dir, os.path.join(work, "ref"), "ref", 2, cfg)
         demo.run_to_end(ref)
@@ -37,10 +38,10 @@ DRIVER = textwrap.dedent("""
         resumed = demo.Job(run_dir, os.path.join(work, "ckpt"), "c", 2, cfg)
         demo.run_to_end(resumed)
     finally:
-        for job in demo._jobs:
+        for job in demo.started:
             if job.alive():
                 job.kill()
-    batches = {{p: {{str(k): v for k, v in demo.global_batches(run_dir, p, 2).items()}} for p in ("ref", "b", "c")}}
+    batches = {{p: {{str(k): v for k, v in global_batches(run_dir, p, 2).items()}} for p in ("ref", "b", "c")}}
     print(json.dumps({{"torn": torn, "batches": batches}}))
 """).format(steps=STEPS)
 
