@@ -40,7 +40,8 @@ from .errors import ShardckptError
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["Group", "Failed", "attempt", "raise_gathered", "collective_deadline", "group_key", "SINGLE_PROCESS"]
+__all__ = ["Group", "Failed", "attempt", "raise_gathered", "collective_deadline", "group_key", "SINGLE_PROCESS",
+           "new_gloo_group"]
 
 
 class Failed:
@@ -84,6 +85,15 @@ def collective_deadline(group: dist.ProcessGroup | None, timeout_s: int) -> Iter
         yield
     finally:
         compat.set_gloo_timeout(backend, previous)
+
+
+def new_gloo_group(like: dist.ProcessGroup | None, knobs: knobs_mod.Knobs | None = None) -> dist.ProcessGroup:
+    """A gloo group of ``like``'s ranks (None: every rank), its collectives bounded by
+    ``collective_timeout_s``: shardckpt's own groups, never used by training.
+    Collective over the default group (every rank calls it, in the same order)."""
+    ranks = dist.get_process_group_ranks(like) if like is not None else None
+    timeout = timedelta(seconds=(knobs if knobs is not None else knobs_mod.get()).collective_timeout_s)
+    return dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
 
 
 class _SingleProcess:

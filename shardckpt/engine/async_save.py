@@ -22,14 +22,13 @@ import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import timedelta
 from typing import Any, Literal
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from .. import knobs as knobs_mod
-from ..collectives import Group, group_key
+from ..collectives import Group, group_key, new_gloo_group
 from ..errors import CheckpointWriteError, SaveInProgressError, ShardckptError
 from ..format.codec import Compression
 from ..format.objects import resolve_object
@@ -89,12 +88,9 @@ class AsyncCheckpointer:
 
     def _groups(self, knobs: knobs_mod.Knobs) -> tuple[Group, Group]:
         if self._bg is None and dist.is_available() and dist.is_initialized():
-            ranks = dist.get_process_group_ranks(self._pg) if self._pg is not None else None
             # Collective over the default group: every rank reaches its first save here.
-            # Bounded like every shardckpt collective (knobs.collective_timeout_s).
-            timeout = timedelta(seconds=knobs.collective_timeout_s)
-            self._bg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
-            self._ctl = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+            self._bg = new_gloo_group(self._pg, knobs)
+            self._ctl = new_gloo_group(self._pg, knobs)
         return Group(self._bg, knobs), Group(self._ctl, knobs)
 
     def _mark_reported(self, fut: Future[None]) -> None:

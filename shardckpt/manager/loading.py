@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from .. import knobs as knobs_mod
 from ..api import load
-from ..collectives import Group
+from ..collectives import Group, new_gloo_group
 from ..errors import ShardckptError
 from ..store import UNUSABLE, CheckpointDir, parse_step, status_of, verify_dir
 
@@ -36,9 +34,7 @@ def control_group(pg: dist.ProcessGroup | None) -> Group:
         return Group(pg)
     # Decisions are tiny CPU tensors/objects: a gloo group works whatever the
     # training backend. Collective over the default group, like the constructor.
-    ranks = dist.get_process_group_ranks(pg) if pg is not None else None
-    timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
-    return Group(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout))
+    return Group(new_gloo_group(pg))
 
 
 def check_step(step: Any) -> int:

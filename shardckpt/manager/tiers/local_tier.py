@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ... import knobs as knobs_mod
 from ...api import load
 from ...backends import open_storage
-from ...collectives import Group
+from ...collectives import Group, new_gloo_group
 from ...engine.save import SaveRequest, save_with
 from ...errors import (
     CheckpointReadError,
@@ -108,8 +108,7 @@ class LocalTier:
             # training group, never the manager's); single-process saves and loads of this
             # rank's own view a group of one (only this rank takes part in creating it).
             timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
-            ranks = dist.get_process_group_ranks(ctl.group) if ctl.group is not None else None
-            self._bg = Group(dist.new_group(ranks=ranks, backend="gloo", timeout=timeout))
+            self._bg = Group(new_gloo_group(ctl.group))
             self._single = dist.new_group([dist.get_rank()], backend="gloo", timeout=timeout,
                                           use_local_synchronization=True)
         storage.makedirs("")

@@ -31,13 +31,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
 from ... import knobs as knobs_mod
-from ...collectives import Group
+from ...collectives import Group, new_gloo_group
 from ...engine.staging import StagingPool
 from ...errors import CheckpointReadError, CheckpointWriteError, IncompleteCheckpointError
 from ...store import UNUSABLE, status_of
@@ -74,9 +73,7 @@ class Tiers:
         self._persist_fn = persist
         self._persist_pg: dist.ProcessGroup | None = None
         if ctl.enabled:
-            ranks = dist.get_process_group_ranks(ctl.group) if ctl.group is not None else None
-            timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
-            self._persist_pg = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+            self._persist_pg = new_gloo_group(ctl.group)
         self._local_exec = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-local")
         self._persist_exec = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-persist")
         self._local: Future[None] | None = None
