@@ -98,8 +98,8 @@ class SaveRequest:
     ) -> SaveRequest:
         if metadata is not None:
             try:  # stored as JSON: kept as it will read back (tuples as lists)
-                metadata = jsoncodec.from_safe(jsoncodec.to_safe(dict(metadata), "metadata", tuples=True))
-            except (jsoncodec.JsonValueError, RecursionError) as e:
+                metadata = jsoncodec.as_stored(dict(metadata), "metadata")
+            except jsoncodec.JsonValueError as e:
                 raise TypeError(f"save(metadata=...) must be JSON-serializable: {e}") from None
         if compression != "auto":
             resolve_compression(compression)  # a bad argument is a usage error, raised here

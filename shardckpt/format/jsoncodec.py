@@ -30,7 +30,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["JsonValueError", "FLOAT_TAG", "encode", "decode", "is_exact", "to_safe", "from_safe", "float_form"]
+__all__ = ["JsonValueError", "FLOAT_TAG", "encode", "decode", "is_exact", "to_safe", "as_stored", "float_form"]
 
 #: The key of the JSON-safe form of a non-finite float.
 FLOAT_TAG = "$float"
@@ -76,18 +76,27 @@ def to_safe(value: Any, where: str = "value", tuples: bool = False) -> Any:
     raise JsonValueError(f"{type(value).__name__} is not a JSON value", where)
 
 
-def from_safe(doc: Any) -> Any:
+def _from_safe(doc: Any) -> Any:
     """Inverse of :func:`to_safe`: the ``$float`` forms back to floats."""
     if isinstance(doc, list):
-        return [from_safe(x) for x in doc]
+        return [_from_safe(x) for x in doc]
     if isinstance(doc, dict):
         if FLOAT_TAG in doc and len(doc) == 1:
             form = doc[FLOAT_TAG]
             if not isinstance(form, str) or form not in _NONFINITE:
                 raise JsonValueError(f"{FLOAT_TAG!r} must be one of {sorted(_NONFINITE)}, not {form!r}")
             return _NONFINITE[form]
-        return {k: from_safe(x) for k, x in doc.items()}
+        return {k: _from_safe(x) for k, x in doc.items()}
     return doc
+
+
+def as_stored(value: Any, where: str = "value") -> Any:
+    """``value`` as it reads back once stored as JSON (tuples become lists); a value
+    JSON cannot hold raises ``JsonValueError`` naming where it is (save metadata)."""
+    try:
+        return _from_safe(to_safe(value, where, tuples=True))
+    except RecursionError:
+        raise JsonValueError("nested too deeply", where) from None
 
 
 def is_exact(value: Any) -> bool:

@@ -144,8 +144,8 @@ def new_manifest(save_id: str, world_size: int, files: Mapping[str, int], entrie
     wrote (ranks may run with other knob values). ``metadata`` is stored as JSON
     (tuples read back as lists; a value JSON cannot hold is refused, naming it)."""
     try:
-        metadata = jsoncodec.from_safe(jsoncodec.to_safe(dict(metadata), "metadata", tuples=True))
-    except (jsoncodec.JsonValueError, RecursionError) as e:
+        metadata = jsoncodec.as_stored(dict(metadata), "metadata")
+    except jsoncodec.JsonValueError as e:
         raise CheckpointWriteError(f"save metadata must be JSON: {e}") from None
     return Manifest(
         save_id=save_id, world_size=world_size, created_unix=time.time(), chunk_bytes=chunk_bytes,
