@@ -25,6 +25,7 @@ coordinator commits only after gathering every rank's success.
 from __future__ import annotations
 
 import pickle
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -41,7 +42,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 __all__ = ["Group", "Failed", "attempt", "raise_gathered", "collective_deadline", "group_key", "SINGLE_PROCESS",
-           "new_gloo_group"]
+           "new_gloo_group", "own_group"]
 
 
 class Failed:
@@ -94,6 +95,26 @@ def new_gloo_group(like: dist.ProcessGroup | None, knobs: knobs_mod.Knobs | None
     ranks = dist.get_process_group_ranks(like) if like is not None else None
     timeout = timedelta(seconds=(knobs if knobs is not None else knobs_mod.get()).collective_timeout_s)
     return dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+
+
+_own_groups: weakref.WeakKeyDictionary[Any, dist.ProcessGroup] = weakref.WeakKeyDictionary()
+
+
+def own_group(knobs: knobs_mod.Knobs | None = None) -> dist.ProcessGroup | None:
+    """A gloo group of this rank alone (None without torch.distributed), for a save or
+    load that one rank does by itself while the others train on (a trainer that
+    checkpoints from rank 0 only, a rank's node-local view). Only this rank takes
+    part in creating it, so no other rank has to call anything; one per default
+    group, made on first use."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.group.WORLD
+    pg = _own_groups.get(world)
+    if pg is None:
+        timeout = timedelta(seconds=(knobs if knobs is not None else knobs_mod.get()).collective_timeout_s)
+        pg = dist.new_group([dist.get_rank()], backend="gloo", timeout=timeout, use_local_synchronization=True)
+        _own_groups[world] = pg
+    return pg
 
 
 class _SingleProcess:

@@ -30,7 +30,8 @@ LAYERS: list[set[str]] = [
     {"dcp"},
     {"engine"},
     # entry points: they use one another (cli over tools and converters, manager over api)
-    {"api", "state", "manager", "tools", "converters", "cli", "demo", "storage", "__init__", "__main__"},
+    {"api", "state", "manager", "tools", "converters", "cli", "demo", "storage", "__init__", "__main__",
+     "integrations", "lightning", "transformers", "accelerate"},
 ]
 LAYER_OF = {name: n for n, names in enumerate(LAYERS) for name in names}
 

@@ -34,7 +34,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -42,7 +41,7 @@ import torch.distributed as dist
 from ... import knobs as knobs_mod
 from ...api import load
 from ...backends import open_storage
-from ...collectives import Group, new_gloo_group
+from ...collectives import Group, new_gloo_group, own_group
 from ...engine.save import SaveRequest, save_with
 from ...errors import (
     CheckpointReadError,
@@ -107,10 +106,8 @@ class LocalTier:
             # The background save's collectives get a gloo group of their own (never the
             # training group, never the manager's); single-process saves and loads of this
             # rank's own view a group of one (only this rank takes part in creating it).
-            timeout = timedelta(seconds=knobs_mod.get().collective_timeout_s)
             self._bg = Group(new_gloo_group(ctl.group))
-            self._single = dist.new_group([dist.get_rank()], backend="gloo", timeout=timeout,
-                                          use_local_synchronization=True)
+            self._single = own_group()
         storage.makedirs("")
 
     # ----------------------------------------------------------------- layout
