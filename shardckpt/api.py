@@ -134,10 +134,18 @@ def load(
     opts = dict(storage_options) if storage_options is not None else None
     try:
         load_state_dict(state_dict, path, strict, group, process_group, opts, k)
-    except ShardckptError:
+    except ShardckptError as e:
+        _name_checkpoint(e, os.fspath(path))
         raise
     except Exception as e:  # single process: what no rank gathered still gets the load's type
         raise CheckpointReadError(f"load from {os.fspath(path)} failed: {type(e).__name__}: {e}") from e
+
+
+def _name_checkpoint(e: ShardckptError, path: str) -> None:
+    """Errors name the checkpoint they are about: a chunk's message names its file
+    relative to the checkpoint, which alone does not say which checkpoint failed."""
+    if e.args and isinstance(e.args[0], str) and path.rstrip("/") not in e.args[0]:
+        e.args = (f"{path}: {e.args[0]}", *e.args[1:])
 
 
 def verify(path: PathLike, *, storage_options: StorageOptions = None) -> VerifyReport:

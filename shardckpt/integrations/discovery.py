@@ -60,8 +60,9 @@ def numbered(urls: Iterable[str], pattern: str) -> list[str]:
 
 
 def by_commit_time(urls: Iterable[str], storage_options: StorageOptions = None) -> list[str]:
-    """Checkpoint ``urls`` newest commit first; ones without a readable manifest
-    (torn, corrupt: the warnings come when they are considered) last."""
+    """Checkpoint ``urls`` newest commit first, after the ones without a readable
+    manifest: a torn save is most likely the newest, and considering it first is
+    what makes ``newest_valid`` warn that it was skipped."""
     keyed = []
     for url in urls:
         try:
@@ -69,7 +70,7 @@ def by_commit_time(urls: Iterable[str], storage_options: StorageOptions = None) 
         except CheckpointNotFoundError:
             continue  # not a checkpoint at all: a file a user keeps beside them
         except UNUSABLE:
-            created = float("-inf")
+            created = float("inf")
         keyed.append((created, url))
     keyed.sort(key=lambda t: t[0], reverse=True)
     return [url for _, url in keyed]

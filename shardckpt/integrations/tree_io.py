@@ -102,17 +102,30 @@ def load_tree(
     storage_options: StorageOptions = None,
     live: Any = None,
     manifest: Manifest | None = None,
+    skip: tuple[str, ...] = (),
 ) -> Any:
     """The tree saved at ``path``, every chunk's CRC32C checked. ``live``: a tree
     of the same form whose tensors are loaded into in place (resharding DTensors);
-    items it lacks are read whole onto the CPU. Collective over ``process_group``."""
+    items it lacks are read whole onto the CPU. ``skip``: top-level keys not read
+    (absent from the result). Collective over ``process_group``."""
     m = manifest if manifest is not None else read_manifest(path, storage_options)
-    skeleton = skeleton_of(m, path)
+    skeleton = _without(skeleton_of(m, path), skip)
     live_flat = tree.split(live)[1] if live is not None else {}
     live_flat = {k: v for k, v in live_flat.items() if isinstance(v, torch.Tensor)}
     flat = _template(m, tree.leaves(skeleton), live_flat)
-    load(flat, path, process_group=process_group, storage_options=storage_options)
+    # strict unless parts are skipped: the template comes from this manifest, so
+    # only skipped keys can be on one side only
+    load(flat, path, strict=not skip, process_group=process_group, storage_options=storage_options)
     return tree.join(skeleton, flat)
+
+
+def _without(skeleton: Any, skip: tuple[str, ...]) -> Any:
+    if not skip or not isinstance(skeleton, dict) or len(skeleton) != 1:
+        return skeleton
+    ((kind, body),) = skeleton.items()
+    if kind not in ("dict", "odict"):
+        return skeleton
+    return {kind: [pair for pair in body if pair[0] not in skip]}
 
 
 def subtree(skeleton: Any, *path: str | int) -> Any | None:
