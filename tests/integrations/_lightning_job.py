@@ -30,7 +30,7 @@ if REPO not in sys.path:
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-__all__ = ["Net", "data", "trainer", "arm_faults", "main"]
+__all__ = ["Net", "ShardedNet", "data", "trainer", "arm_faults", "main"]
 
 
 class Net(pl.LightningModule):
@@ -50,6 +50,24 @@ class Net(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)}
 
 
+class ShardedNet(Net):
+    """Net for ModelParallelStrategy: FSDP2 over the data-parallel mesh (no BatchNorm
+    statistics to shard: LayerNorm)."""
+
+    def __init__(self, width: int = 16, lr: float = 0.01) -> None:
+        super().__init__(width, lr)
+        self.body = nn.Sequential(nn.Linear(8, width), nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, 1))
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.body:
+            if any(p.requires_grad for p in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 def data(n: int = 96) -> DataLoader:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, 8, generator=g)
@@ -57,12 +75,31 @@ def data(n: int = 96) -> DataLoader:
                       generator=torch.Generator().manual_seed(5))
 
 
-def trainer(ckpt_dir: str, io: str, epochs: int, devices: int, async_save: bool = False, **kw: Any) -> pl.Trainer:
+def trainer(ckpt_dir: str, io: str, epochs: int, devices: int, async_save: bool = False, sharded: str = "",
+            accelerator: str = "cpu", **kw: Any) -> pl.Trainer:
     from shardckpt.lightning import ShardckptCheckpointIO
 
-    plugins = [ShardckptCheckpointIO(async_save=async_save)] if io == "ours" else []
+    plugins: list[Any] = []
+    strategy: Any = "ddp" if devices > 1 else "auto"
+    if sharded == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from shardckpt.lightning import ShardckptFSDPStrategy
+
+        strategy = ShardckptFSDPStrategy(async_save=async_save) if io == "ours" else FSDPStrategy(
+            state_dict_type="sharded")
+    elif sharded == "mp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from shardckpt.lightning import ShardckptModelParallelStrategy
+
+        sizes = {"data_parallel_size": devices, "tensor_parallel_size": 1}
+        strategy = (ShardckptModelParallelStrategy(async_save=async_save, **sizes) if io == "ours"
+                    else ModelParallelStrategy(**sizes))
+    elif io == "ours":
+        plugins = [ShardckptCheckpointIO(async_save=async_save)]
     return pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=epochs,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=epochs,
         plugins=plugins, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, save_last=True)],
         deterministic=True, **kw)
@@ -98,22 +135,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--out", default=None)
+    p.add_argument("--sharded", choices=("", "fsdp", "mp"), default="")
+    p.add_argument("--accelerator", default="cpu")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     arm_faults()
     pl.seed_everything(0, workers=True)
     devices = int(os.environ.get("WORLD_SIZE", "1"))
-    t = trainer(a.dir, a.io, a.epochs, devices, a.async_save)
+    t = trainer(a.dir, a.io, a.epochs, devices, a.async_save, a.sharded, a.accelerator)
     ckpt_path = a.resume
     if a.resume == "latest":
         from shardckpt.lightning import latest
 
         ckpt_path = latest(a.dir)
-    model = Net(a.width)
+    model = ShardedNet(a.width) if a.sharded == "mp" else Net(a.width)
     t.fit(model, data(), ckpt_path=ckpt_path)
+    params = model.state_dict()
+    if a.sharded:  # the whole parameters, gathered (collective)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        params = get_model_state_dict(t.strategy.model, options=StateDictOptions(full_state_dict=True))
     if a.out and t.is_global_zero:
-        torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        torch.save({"params": {k: v.detach().clone() for k, v in params.items()},
                     "global_step": t.global_step, "resumed_from": ckpt_path}, a.out)
+    if torch.distributed.is_initialized():  # as a torchrun script should: gloo's threads end here, not in exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -38,10 +38,38 @@ def torn_checkpoints(root: str | Path) -> list[Path]:
     return [p.parent for p in Path(root).rglob("data") if not (p.parent / "manifest.json").exists()]
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process descending from it (torchrun starts its workers in
+    sessions of their own, so a process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _kill_all(pid: int) -> None:
+    for p in _tree(pid):  # listed first, then killed together: no one is left to respawn
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_when(cmd: Sequence[str], ready: Callable[[], bool], env: dict[str, str] | None = None,
               timeout: float = 240) -> str:
-    """Start ``cmd`` in a session of its own, SIGKILL every process of it (the agent and
-    all its ranks at once, like a power cut) as soon as ``ready()`` holds; its output."""
+    """Start ``cmd``, SIGKILL every process of it (the agent and all its ranks at
+    once, like a power cut) as soon as ``ready()`` holds; its output."""
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -53,10 +81,10 @@ def kill_when(cmd: Sequence[str], ready: Callable[[], bool], env: dict[str, str]
             if time.monotonic() > deadline:
                 raise AssertionError("the moment to kill the job never came")
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(proc.pid)
         out, _ = proc.communicate(timeout=60)
         return out
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc.pid)
             proc.wait()
