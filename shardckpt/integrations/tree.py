@@ -138,6 +138,8 @@ def join(skeleton: Any, flat: Mapping[str, Any]) -> Any:
 
     def build(node: Any, where: str) -> Any:
         kind, body = _kind(node, where)
+        if kind in ("leaf", "boxed") and (not isinstance(body, str) or body not in flat):
+            raise _bad(where, f"names {body!r}, which is not a stored key")
         if kind == "leaf":
             return flat[body]
         if kind == "boxed":

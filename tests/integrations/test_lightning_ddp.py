@@ -5,6 +5,7 @@ resumes from the newest valid one and finishes."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,8 @@ JOB = Path(__file__).with_name("_lightning_job.py")
 STEPS_PER_EPOCH = 6  # 96 samples, batch 8, 2 ranks
 
 
-def _run(nproc: int, *args: str, env: dict[str, str] | None = None) -> str:
-    r = run_job(torchrun(JOB, args, nproc), env=env)
+def _run(nproc: int, *args: str, env: dict[str, str] | None = None, script: Path = JOB) -> str:
+    r = run_job(torchrun(script, args, nproc), env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r.stdout + r.stderr
 
@@ -130,3 +131,13 @@ def test_fsdp_strategy_resume_matches_native_on_gpus(tmp_path):
              "--epochs", "2", "--resume", str(_first(tmp_path / io)), "--out", str(tmp_path / f"{io}.pt"))
     ours, native = (torch.load(tmp_path / f"{io}.pt") for io in ("ours", "native"))
     assert_state_equal(ours["params"], native["params"], bitwise=True)
+
+
+def test_the_example_runs_and_resumes_at_another_process_count(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.py"
+    first = _run(2, "--dir", str(tmp_path), "--epochs", "2", script=example)
+    assert "finished at epoch 2" in first
+    r = run_job([sys.executable, str(example), "--dir", str(tmp_path), "--epochs", "3"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"Restored all states from the checkpoint at {tmp_path}" in r.stdout + r.stderr
+    assert "finished at epoch 3" in r.stdout
