@@ -39,6 +39,7 @@ from .convert import add_convert_verb
 from .progress import Progress
 from .text import format_age as _age
 from .text import format_bytes as _bytes
+from .text import format_metadata
 from .text import format_metrics as _metrics
 from .text import format_when as _when
 from .text import print_table as _table
@@ -177,7 +178,7 @@ def _cmd_inspect(a: argparse.Namespace, opts: dict[str, Any] | None, progress: P
             ("created", f"{_when(doc['created_unix'])} ({_age(time.time() - doc['created_unix'])} ago)"),
             ("world size", str(doc["world_size"])),
             ("library", lib or "-"),
-            ("metadata", json.dumps(doc["metadata"], ensure_ascii=False) if doc["metadata"] else "-"),
+            ("metadata", format_metadata(doc["metadata"])),
             ("files", f"{t['files']} ({_bytes(t['file_bytes'])})"),
             ("keys", f"{t['keys']} ({t['tensors']} tensors, {t['objects']} objects); raw {_bytes(t['raw_bytes'])}, "
                      f"stored {_bytes(t['stored_bytes'])} ({ratio:.2f}x)"),

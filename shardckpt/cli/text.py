@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, TextIO
 
-__all__ = ["format_bytes", "format_when", "format_age", "format_metrics", "print_table"]
+__all__ = ["format_bytes", "format_when", "format_age", "format_metrics", "format_metadata", "print_table"]
 
 
 def format_bytes(n: float | None) -> str:
@@ -41,3 +42,15 @@ def print_table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def format_metadata(metadata: dict[str, Any], limit: int = 200) -> str:
+    """The metadata on one line, a long value (a trainer checkpoint's structure,
+    ``shardckpt.tree``) summarised by its size: ``--json`` prints it whole."""
+    if not metadata:
+        return "-"
+    shown = {}
+    for k, v in metadata.items():
+        text = json.dumps(v, ensure_ascii=False)
+        shown[k] = v if len(text) <= limit else f"<{len(text)} characters; --json shows it>"
+    return json.dumps(shown, ensure_ascii=False)
