@@ -193,3 +193,26 @@ def test_sync_save_error_names_the_path(tmp_path):
         io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, blocker / "x.ckpt")
     assert "file" in str(e.value)
     assert os.path.isfile(blocker)
+
+
+@pytest.mark.s3
+def test_checkpoints_on_s3_resume_from_the_newest_valid(s3_bucket, monkeypatch):
+    """ModelCheckpoint's directory on S3 (moto on loopback): Lightning's own listing
+    goes through fsspec with the environment's endpoint, ours through storage_options."""
+    for k, v in s3_bucket.endpoint.env().items():
+        monkeypatch.setenv(k, v)
+    opts = s3_bucket.storage_options
+    root = s3_bucket.url("run")
+    pl.seed_everything(0, workers=True)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                   plugins=[ShardckptCheckpointIO(storage_options=opts)], enable_model_summary=False,
+                   callbacks=[ModelCheckpoint(dirpath=root, save_top_k=-1, save_last=True)])
+    model = Net()
+    t.fit(model, data())
+    newest = latest(root, storage_options=opts)
+    assert newest is not None and newest.rstrip("/").endswith("last.ckpt")
+    got = load_checkpoint(newest, storage_options=opts)
+    assert got["global_step"] == 24
+    assert_state_equal(got["state_dict"], model.state_dict(), bitwise=True)
