@@ -49,12 +49,13 @@ def latest(
 
     Torn (a kill mid-save) and corrupt ones are skipped with a
     ``SkippedCheckpointWarning`` naming them; directories that are not shardckpt
-    checkpoints at all (a native Trainer checkpoint) are passed over too.
+    checkpoints at all (a native Trainer checkpoint, a user's folder) are passed over
+    without one.
     Collective when torch.distributed is initialized (every rank gets the same answer).
 
     >>> trainer.train(resume_from_checkpoint=shardckpt.transformers.latest("out"))
     """
-    found = [u for u in checkpoints_newest_first(output_dir, storage_options) if not is_native(u)]
+    found = [u for u in checkpoints_newest_first(output_dir, storage_options) if is_ours(u, storage_options)]
     return newest_valid(found, storage_options, process_group)
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed as dist
@@ -31,15 +32,32 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, compare_trainer_and_checkpoint_args
 
 from ..engine.async_save import AsyncSaveHandle
-from ..errors import CheckpointNotFoundError, UnsupportedFormatError
+from ..errors import CheckpointNotFoundError, ShardckptError, UnsupportedFormatError
 from ..format.manifest import Manifest
 from ..integrations import check_state_dict, load_tree, read_manifest, save_tree, skeleton_of
 from . import contents
 from .checkpoints import FORMAT, is_native, latest, rotate
 
-__all__ = ["ShardckptTrainer"]
+__all__ = ["ShardckptTrainer", "naming"]
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Errors of a load name the checkpoint: the engine names a chunk's file inside
+    it (``data/...bin``), which alone does not tell a user which checkpoint it was.
+    The error keeps its type and attributes (``key``, ``file``, ``rank_errors``)."""
+    try:
+        yield
+    except ShardckptError as e:
+        if path in str(e):
+            raise
+        err = type(e).__new__(type(e))
+        Exception.__init__(err, f"{path}: {e}")
+        err.__dict__.update(e.__dict__)
+        err.path = path
+        raise err from e
 
 
 class _Resume:
@@ -81,6 +99,8 @@ class ShardckptTrainer(Trainer):
         self._sc_resume: _Resume | None = None
         self._sc_pending: tuple[AsyncSaveHandle | None, str] | None = None
         self._sc_resumed_step: int | None = None
+        #: The shardckpt checkpoint the last ``train()`` resumed from (None: none).
+        self.resumed_from: str | None = None
 
     # -- 1. where to resume from
 
@@ -92,8 +112,10 @@ class ShardckptTrainer(Trainer):
         path = self._resolve(resume_from_checkpoint)
         self._sc_resume = None
         self._sc_resumed_step = None
+        self.resumed_from = None
         if path is not None and not is_native(path):
             self._sc_resume = self._open(path)
+            self.resumed_from = path
             self._sc_resumed_step = int(self._sc_resume.meta["global_step"])
             state = contents.trainer_state_from_json(self._sc_resume.meta["trainer_state"])
             if state.train_batch_size is not None and self.args.auto_find_batch_size:
@@ -150,7 +172,8 @@ class ShardckptTrainer(Trainer):
         if r.tree is None:
             live = contents.live_targets(self, with_optimizer)
             check_state_dict(r.manifest, r.path, ("model",), live["model"])
-            r.tree = load_tree(r.path, storage_options=self.storage_options, live=live, manifest=r.manifest)
+            with naming(r.path):
+                r.tree = load_tree(r.path, storage_options=self.storage_options, live=live, manifest=r.manifest)
         return r.tree
 
     def _ours(self, checkpoint: str | None) -> _Resume | None:
@@ -228,7 +251,8 @@ class ShardckptTrainer(Trainer):
         r = self._open(best)
         live = {"model": contents.model_state(self)}
         check_state_dict(r.manifest, best, ("model",), live["model"])
-        tree = load_tree(best, storage_options=self.storage_options, live=live, manifest=r.manifest)
+        with naming(best):
+            tree = load_tree(best, storage_options=self.storage_options, live=live, manifest=r.manifest)
         if contents.is_sharded(self):
             contents.restore_sharded(self, {"model": tree["model"]})
 

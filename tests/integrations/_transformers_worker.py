@@ -46,8 +46,10 @@ def tiny_model(width: int = 32) -> GPT2LMHeadModel:
 
 
 def make_args(out: str, max_steps: int, save_steps: int, **kw: Any) -> TrainingArguments:
+    # gloo only under torchrun: in a plain process Accelerate would expect a process group
+    backend = "gloo" if "WORLD_SIZE" in os.environ else None
     return TrainingArguments(output_dir=out, max_steps=max_steps, save_steps=save_steps, per_device_train_batch_size=4,
-                             logging_steps=1, report_to=[], seed=1, use_cpu=True, ddp_backend="gloo",
+                             logging_steps=1, report_to=[], seed=1, use_cpu=True, ddp_backend=backend,
                              dataloader_num_workers=0, disable_tqdm=True, **kw)
 
 
