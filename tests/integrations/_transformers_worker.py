@@ -47,10 +47,10 @@ def tiny_model(width: int = 32) -> GPT2LMHeadModel:
 
 def make_args(out: str, max_steps: int, save_steps: int, **kw: Any) -> TrainingArguments:
     # gloo only under torchrun: in a plain process Accelerate would expect a process group
-    backend = "gloo" if "WORLD_SIZE" in os.environ else None
+    base: dict[str, Any] = dict(use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
+    base.update(kw)
     return TrainingArguments(output_dir=out, max_steps=max_steps, save_steps=save_steps, per_device_train_batch_size=4,
-                             logging_steps=1, report_to=[], seed=1, use_cpu=True, ddp_backend=backend,
-                             dataloader_num_workers=0, disable_tqdm=True, **kw)
+                             logging_steps=1, report_to=[], seed=1, dataloader_num_workers=0, disable_tqdm=True, **base)
 
 
 def _slow_save_from_env() -> None:
@@ -78,8 +78,17 @@ class _DumpAfterLoad(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        full = _full_state(model)  # every rank: gathering an FSDP shard is collective
         if args.process_index == 0:
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, self.path)
+            torch.save(full, self.path)
+
+
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as whole CPU tensors (FSDP's DTensors gathered)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in model.state_dict().items()}
 
 
 def _resume_arg(value: str) -> Any:
@@ -97,9 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--final", default="")
     p.add_argument("--dump-after-load", default="")
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 through Trainer's fsdp arguments (GPU only)")
     a = p.parse_args(argv)
     _slow_save_from_env()
-    args = make_args(a.out, a.max_steps, a.save_steps)
+    fsdp: dict[str, Any] = {}
+    if a.fsdp:  # Accelerate's FSDP plugin, version 2 (on CPU Trainer would fall back to DDP)
+        fsdp = dict(fsdp="full_shard", fsdp_config={"version": 2}, use_cpu=False, ddp_backend="nccl")
+    args = make_args(a.out, a.max_steps, a.save_steps, **fsdp)
     callbacks = [_DumpAfterLoad(a.dump_after_load)] if a.dump_after_load else []
     kw: dict[str, Any] = dict(model=tiny_model(a.width), args=args, train_dataset=TinyDataset(), callbacks=callbacks)
     if a.trainer == "ours":
@@ -110,10 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(**kw)
     trainer.train(resume_from_checkpoint=_resume_arg(a.resume))
     rank = dist.get_rank() if dist.is_initialized() else 0
+    final = _full_state(trainer.model) if a.final else None
     if rank == 0:
-        if a.final:
-            torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, a.final)
+        if final is not None:
+            torch.save(final, a.final)
         result = {"global_step": trainer.state.global_step, "resumed_from": getattr(trainer, "resumed_from", None),
+                  "fsdp": bool(getattr(trainer, "is_fsdp_enabled", False)),
                   "world_size": args.world_size, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
         print("RESULT " + json.dumps(result), flush=True)
     _exit_cleanly()
