@@ -174,3 +174,20 @@ def test_save_total_limit_and_best_model(tmp_path: Path) -> None:
     stored = load_tree(best)["model"]
     live = trainer.model.state_dict()
     assert all(stored[k].equal(live[k]) for k in stored)
+
+
+def test_native_checkpoint_path_is_resumed_by_trainers_own_code(tmp_path: Path) -> None:
+    """Switching mid-run: a native checkpoint given as a path resumes; the next
+    checkpoints are shardckpt's, and ``resume_from_checkpoint=True`` ignores the native one."""
+    from transformers import Trainer
+
+    out = tmp_path / "run"
+    Trainer(model=tiny_model(), args=make_args(str(out), 2, 2), train_dataset=TinyDataset()).train()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    trainer = _trainer(out, max_steps=4)
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert trainer.resumed_from is None and trainer.state.global_step == 4
+    assert shardckpt.verify(out / "checkpoint-4").chunks > 0
+    again = _trainer(out, max_steps=6)
+    again.train(resume_from_checkpoint=True)
+    assert again.resumed_from == str(out / "checkpoint-4")
