@@ -25,7 +25,6 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,7 +38,7 @@ from transformers import Trainer, TrainerState
 from ..state.rng import gather_rng_states, rng_state_for_rank, set_rng_state
 
 __all__ = ["META_KEY", "build_tree", "model_state", "optimizer_state", "restore_sharded", "restore_rng", "trainer_state_json",
-           "trainer_state_from_json", "live_targets", "is_sharded", "copy_into"]
+           "trainer_state_from_json", "live_targets", "is_sharded"]
 
 
 #: The manifest metadata key of what Trainer keeps beside the tensors.
@@ -70,7 +69,7 @@ def optimizer_state(trainer: Trainer) -> dict[str, Any]:
 def trainer_state_json(trainer: Trainer) -> str:
     """Rank 0's TrainerState as the JSON Trainer writes: ranks differ in
     ``is_world_process_zero``, and the stored copy must be one value."""
-    text = json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(dataclasses.asdict(trainer.state), indent=2) + "\n"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [text]
         dist.broadcast_object_list(box, src=0)
@@ -134,7 +133,3 @@ def is_sharded(trainer: Trainer) -> bool:
     """Whether ``trainer`` runs FSDP (its checkpoints hold sharded DTensors)."""
     return _sharded(trainer)
 
-
-def copy_into(model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Load a plain model state loaded onto the CPU (strict: the fit was checked)."""
-    model.load_state_dict(state, strict=True)

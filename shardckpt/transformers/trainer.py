@@ -29,7 +29,11 @@ from typing import Any
 
 import torch.distributed as dist
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, compare_trainer_and_checkpoint_args
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    SaveStrategy,
+    compare_trainer_and_checkpoint_args,
+)
 
 from ..engine.async_save import AsyncSaveHandle
 from ..errors import CheckpointNotFoundError, ShardckptError, UnsupportedFormatError
