@@ -17,7 +17,8 @@ from typing import Any
 
 from tests.helpers import REPO_ROOT
 
-__all__ = ["free_port", "torchrun_cmd", "run_workers", "start_workers", "kill_when", "result_of"]
+__all__ = ["free_port", "torchrun_cmd", "run_workers", "start_workers", "kill_when", "kill_tree", "result_of",
+           "torn_checkpoints"]
 
 
 def free_port() -> int:
@@ -63,8 +64,42 @@ def start_workers(nproc: int, script: str | Path, args: Sequence[str], log: Path
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def torn_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint directories under ``root`` whose save began (``data/``) and has not committed."""
+    return [p.parent for p in Path(root).rglob("data") if not (p.parent / "manifest.json").exists()]
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process descending from it: torchrun starts its workers in
+    sessions of their own, so a signal to the agent's process group misses them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants at once (listed first: none is left to
+    notice the others dying and react), like a power cut."""
+    for p in _tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], log: Path, timeout: float = 180) -> None:
-    """SIGKILL every process of ``proc``'s session as soon as ``ready()``."""
+    """SIGKILL every process of the run (the agent and all its workers) as soon as ``ready()``."""
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -75,8 +110,5 @@ def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], log: Pat
                 raise AssertionError("the kill point was never reached:\n" + log.read_text(errors="replace")[-6000:])
             time.sleep(0.05)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(proc.pid)
         proc.wait(timeout=60)

@@ -5,7 +5,6 @@ resumes from the newest valid one and finishes."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,14 @@ import torch
 pytest.importorskip("lightning.pytorch")
 
 from tests.helpers import assert_state_equal  # noqa: E402
-from tests.integrations.jobs import kill_when, run_job, torchrun, torn_checkpoints  # noqa: E402
+from tests.integrations.launch import kill_when, run_workers, start_workers, torn_checkpoints  # noqa: E402
 
 JOB = Path(__file__).with_name("_lightning_job.py")
 STEPS_PER_EPOCH = 6  # 96 samples, batch 8, 2 ranks
 
 
 def _run(nproc: int, *args: str, env: dict[str, str] | None = None, script: Path = JOB) -> str:
-    r = run_job(torchrun(script, args, nproc), env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r.stdout + r.stderr
+    return run_workers(nproc, script, args, env=env, timeout=300)[1]
 
 
 def _first(d: Path) -> Path:
@@ -75,11 +72,11 @@ def test_sigkill_while_saving_then_resume_from_the_newest_valid(tmp_path, mode):
     """Saves: 1 epoch 0, 2 last (epoch 0), 3 epoch 1 <- every process killed while it writes."""
     d = tmp_path / "ckpts"
     extra = ["--async"] if mode == "async" else []
-    out = kill_when(torchrun(JOB, ["--dir", str(d), "--epochs", "3", *extra], 2),
-                    lambda: any(p.name.startswith("epoch=1") for p in torn_checkpoints(d)),
-                    env={"JOB_HOLD_SAVE": "3"})
+    log = tmp_path / "killed.log"
+    run = start_workers(2, JOB, ["--dir", str(d), "--epochs", "3", *extra], log, env={"JOB_HOLD_SAVE": "3"})
+    kill_when(run, lambda: any(p.name.startswith("epoch=1") for p in torn_checkpoints(d)), log)
     torn = [p for p in torn_checkpoints(d) if p.name.startswith("epoch=1")]
-    assert torn, out[-3000:]
+    assert torn, log.read_text()[-3000:]
     log = _run(2, "--dir", str(d), "--epochs", "3", "--resume", "latest", *extra, "--out", str(tmp_path / "r.pt"))
     assert f"skipping incomplete checkpoint {torn[0]}" in log
     got = torch.load(tmp_path / "r.pt")
@@ -137,7 +134,6 @@ def test_the_example_runs_and_resumes_at_another_process_count(tmp_path):
     example = Path(__file__).resolve().parents[2] / "examples" / "lightning_example.py"
     first = _run(2, "--dir", str(tmp_path), "--epochs", "2", script=example)
     assert "finished at epoch 2" in first
-    r = run_job([sys.executable, str(example), "--dir", str(tmp_path), "--epochs", "3"])
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert f"Restored all states from the checkpoint at {tmp_path}" in r.stdout + r.stderr
-    assert "finished at epoch 3" in r.stdout
+    again = _run(1, "--dir", str(tmp_path), "--epochs", "3", script=example)
+    assert f"Restored all states from the checkpoint at {tmp_path}" in again
+    assert "finished at epoch 3" in again
