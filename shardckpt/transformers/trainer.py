@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -36,32 +35,15 @@ from transformers.trainer_utils import (
 )
 
 from ..engine.async_save import AsyncSaveHandle
-from ..errors import CheckpointNotFoundError, ShardckptError, UnsupportedFormatError
+from ..errors import CheckpointNotFoundError, UnsupportedFormatError
 from ..format.manifest import Manifest
 from ..integrations import check_state_dict, load_tree, read_manifest, save_tree, skeleton_of
 from . import contents
 from .checkpoints import FORMAT, is_native, latest, rotate
 
-__all__ = ["ShardckptTrainer", "naming"]
+__all__ = ["ShardckptTrainer"]
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def naming(path: str) -> Iterator[None]:
-    """Errors of a load name the checkpoint: the engine names a chunk's file inside
-    it (``data/...bin``), which alone does not tell a user which checkpoint it was.
-    The error keeps its type and attributes (``key``, ``file``, ``rank_errors``)."""
-    try:
-        yield
-    except ShardckptError as e:
-        if path in str(e):
-            raise
-        err = type(e).__new__(type(e))
-        Exception.__init__(err, f"{path}: {e}")
-        err.__dict__.update(e.__dict__)
-        err.path = path
-        raise err from e
 
 
 class _Resume:
@@ -176,8 +158,7 @@ class ShardckptTrainer(Trainer):
         if r.tree is None:
             live = contents.live_targets(self, with_optimizer)
             check_state_dict(r.manifest, r.path, ("model",), live["model"])
-            with naming(r.path):
-                r.tree = load_tree(r.path, storage_options=self.storage_options, live=live, manifest=r.manifest)
+            r.tree = load_tree(r.path, storage_options=self.storage_options, live=live, manifest=r.manifest)
         return r.tree
 
     def _ours(self, checkpoint: str | None) -> _Resume | None:
@@ -255,8 +236,7 @@ class ShardckptTrainer(Trainer):
         r = self._open(best)
         live = {"model": contents.model_state(self)}
         check_state_dict(r.manifest, best, ("model",), live["model"])
-        with naming(best):
-            tree = load_tree(best, storage_options=self.storage_options, live=live, manifest=r.manifest)
+        tree = load_tree(best, storage_options=self.storage_options, live=live, manifest=r.manifest)
         if contents.is_sharded(self):
             contents.restore_sharded(self, {"model": tree["model"]})
 
