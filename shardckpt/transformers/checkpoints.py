@@ -18,11 +18,10 @@ from typing import Any
 import torch.distributed as dist
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import CheckpointNotFoundError
-from ..integrations import children, newest_valid, numbered
-from ..store import UNUSABLE, CheckpointDir
+from ..integrations import children, is_checkpoint_dir, newest_valid, numbered
+from ..store import CheckpointDir
 
-__all__ = ["CHECKPOINT_PATTERN", "FORMAT", "checkpoints_newest_first", "latest", "is_ours", "is_native",
+__all__ = ["CHECKPOINT_PATTERN", "FORMAT", "checkpoints_newest_first", "latest", "is_native",
            "rotate"]
 
 #: The directory names Trainer gives its checkpoints (its ``PREFIX_CHECKPOINT_DIR``).
@@ -55,7 +54,7 @@ def latest(
 
     >>> trainer.train(resume_from_checkpoint=shardckpt.transformers.latest("out"))
     """
-    found = [u for u in checkpoints_newest_first(output_dir, storage_options) if is_ours(u, storage_options)]
+    found = [u for u in checkpoints_newest_first(output_dir, storage_options) if is_checkpoint_dir(u, storage_options)]
     return newest_valid(found, storage_options, process_group)
 
 
@@ -68,17 +67,6 @@ def is_native(url: str) -> bool:
     return (os.path.isfile(os.path.join(local, "trainer_state.json"))
             and not os.path.exists(os.path.join(local, "manifest.json"))
             and not os.path.exists(os.path.join(local, "data")))
-
-
-def is_ours(url: str, storage_options: StorageOptions = None) -> bool:
-    """Whether ``url`` holds a shardckpt checkpoint (committed, torn or damaged)."""
-    try:
-        CheckpointDir.at(url, storage_options).read_manifest()
-    except CheckpointNotFoundError:
-        return False
-    except UNUSABLE:
-        return True
-    return True
 
 
 def _committed(url: str, storage_options: StorageOptions) -> bool:
