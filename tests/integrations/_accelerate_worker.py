@@ -23,9 +23,11 @@ Results: ``--out`` gets ``rank<r>.pt`` (final model, optimizer, torch RNG, step)
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -192,7 +194,8 @@ def train(args, acc, model, opt, sched, dl, progress, out: Path) -> None:
                 break
 
 
-def main() -> int:
+def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # a hung run: kill -USR1 prints every thread's stack
     args = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,13 +214,13 @@ def main() -> int:
     committed = last.exists() and os.path.exists(os.path.join(last.read_text(), "manifest.json"))
     dump(acc, model, opt, progress, out / f"rank{acc.process_index}.pt")
     (out / f"end{acc.process_index}.json").write_text(json.dumps({"last_committed_at_end": committed}))
-    return 0
+    # Exit before main's locals are freed (as tests/multiproc.py skips finalization): freeing the
+    # DDP module drops the gloo group end_training destroyed, whose destructor joins a gloo thread
+    # that waits for the GIL (seen: a hang in one run of three, with or without a save).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    rc = main()
-    # Skip interpreter finalization (as tests/multiproc.py does): the DDP module still holds the
-    # destroyed gloo group, whose destructor joins a thread waiting for the GIL (seen: a hang).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    main()
