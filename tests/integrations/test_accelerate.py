@@ -260,3 +260,11 @@ def test_example_runs_and_resumes(tmp_path: Path):
     p = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-6000:]
     assert "resumed from" in p.stdout and "checkpoint_" in p.stdout
+
+
+def test_without_accelerate_the_import_says_what_to_install():
+    code = ("import sys; sys.modules['accelerate'] = None\n"
+            "try:\n    import shardckpt.accelerate\nexcept ImportError as e:\n    print(e)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert 'pip install "shardckpt[accelerate]"' in p.stdout, p.stdout + p.stderr
