@@ -46,6 +46,11 @@ def _worker(a: argparse.Namespace) -> None:
     seconds = module.measure(a.variant, a.out_dir, a.steps, a.interval, a.width)
     with open(f"{a.result}.{rank}", "w") as f:
         json.dump(seconds, f)
+    # Skip interpreter finalization: freeing a DDP model's gloo group after the
+    # trainer destroyed it can deadlock at exit on CPU (torch/gloo, seen under Accelerate).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _one(trainer: str, variant: str, a: argparse.Namespace, scratch: str) -> float:

@@ -146,6 +146,8 @@ def _name_checkpoint(e: ShardckptError, path: str) -> None:
     relative to the checkpoint, which alone does not say which checkpoint failed."""
     if e.args and isinstance(e.args[0], str) and path.rstrip("/") not in e.args[0]:
         e.args = (f"{path}: {e.args[0]}", *e.args[1:])
+    if getattr(e, "path", None) is None:
+        e.path = path  # type: ignore[attr-defined]
 
 
 def verify(path: PathLike, *, storage_options: StorageOptions = None) -> VerifyReport:

@@ -25,8 +25,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 from ..collectives import Group
@@ -36,7 +35,6 @@ from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointWriteError,
-    ShardckptError,
     UnsupportedFormatError,
 )
 from ..integrations import (
@@ -226,31 +224,14 @@ def load_state(
                                      f"(no {META_KEY!r} in its metadata)", path=path)
     for i, live in enumerate(contents.model_states(accelerator, prep)):
         check_state_dict(manifest, path, ("models", i), live)
-    with _naming(path):
-        tree = load_tree(path, storage_options=storage_options, live=contents.live_tree(accelerator, prep),
-                         manifest=manifest)
+    tree = load_tree(path, storage_options=storage_options, live=contents.live_tree(accelerator, prep),
+                     manifest=manifest)
     contents.restore_models(prep, tree["models"], path)
     contents.restore_optimizers(prep, tree["optimizers"], path)
     contents.restore_extras(accelerator, prep, tree, path)
     if _automatic(accelerator):
         _continue_numbering(accelerator, int(info.get("iteration", -1)), storage_options)
     return path
-
-
-@contextmanager
-def _naming(path: str) -> Iterator[None]:
-    """A damaged chunk's error names the file inside the checkpoint (``data/...``) and the key;
-    the run's log should also say which checkpoint: the same error, the path in front."""
-    try:
-        yield
-    except ShardckptError as e:
-        if path in str(e):
-            raise
-        named = type(e).__new__(type(e))
-        Exception.__init__(named, f"{path}: {e}")
-        named.__dict__.update(e.__dict__)
-        named.path = path
-        raise named from e
 
 
 def _continue_numbering(accelerator: Any, loaded: int, storage_options: StorageOptions) -> None:
