@@ -152,6 +152,7 @@ STEPS: dict[str, Step] = {
         Step("replicas", "bench_replicas.py", _no_args, needs=()),
         Step("tiers", "bench_tiers.py", _json_only),
         Step("shared_reads", "bench_shared_reads.py", _json_only),
+        Step("integrations", "bench_integrations.py", _json_only),
     )
 }  # fmt: skip
 
