@@ -33,14 +33,14 @@ from ..integrations import (
     save_tree,
 )
 from ..store import UNUSABLE, CheckpointDir
-from .pl import CheckpointIO, LightningModule, Strategy, load_state
+from .pl import CHECKPOINT_IO_BASES, STRATEGY_BASES, CheckpointIO, LightningModule, load_state
 
 __all__ = ["ShardckptCheckpointIO", "latest", "load_checkpoint", "load_from_checkpoint"]
 
 StorageOptions = Mapping[str, Any] | None
 
 
-def _calling_strategy() -> Strategy | None:
+def _calling_strategy() -> Any:
     """The Lightning strategy whose ``load_checkpoint`` called us, if any.
 
     Lightning gives a ``CheckpointIO`` no reference to the strategy or model; the
@@ -50,7 +50,7 @@ def _calling_strategy() -> Strategy | None:
     try:
         while frame is not None:
             owner = frame.f_locals.get("self")
-            if isinstance(owner, Strategy):
+            if isinstance(owner, STRATEGY_BASES):
                 return owner
             frame = frame.f_back
     finally:
@@ -174,3 +174,9 @@ class ShardckptCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.wait()
+
+
+# A plugin for either Lightning package's Trainer (they check isinstance against
+# their own CheckpointIO ABC); it only needs the four methods above.
+for _base in CHECKPOINT_IO_BASES[1:]:
+    _base.register(ShardckptCheckpointIO)

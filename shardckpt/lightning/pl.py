@@ -26,4 +26,27 @@ except ImportError:  # pragma: no cover - exercised where only pytorch_lightning
                           f"(or pytorch_lightning): {e}") from e
 
 __all__ = ["LightningModule", "Trainer", "CheckpointIO", "FSDPStrategy", "ModelParallelStrategy", "Strategy",
-           "TrainerFn", "load_state"]
+           "TrainerFn", "load_state", "CHECKPOINT_IO_BASES", "STRATEGY_BASES"]
+
+
+def _both(attr_path: tuple[str, str], first: type) -> tuple[type, ...]:
+    """``first`` and, where the other Lightning package is installed too, its class of
+    the same name (``lightning.pytorch`` and ``pytorch_lightning`` ship separate copies)."""
+    import importlib
+
+    out = [first]
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            other = getattr(importlib.import_module(f"{package}.{attr_path[0]}"), attr_path[1])
+        except (ImportError, AttributeError):
+            continue
+        if other not in out:
+            out.append(other)
+    return tuple(out)
+
+
+#: The ``CheckpointIO`` ABCs of every installed Lightning package: the plugin registers
+#: with each, so either package's Trainer accepts it.
+CHECKPOINT_IO_BASES = _both(("plugins.io", "CheckpointIO"), CheckpointIO)
+#: Every installed package's ``Strategy``: whichever one calls the plugin.
+STRATEGY_BASES = _both(("strategies", "Strategy"), Strategy)

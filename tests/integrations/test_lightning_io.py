@@ -216,3 +216,35 @@ def test_checkpoints_on_s3_resume_from_the_newest_valid(s3_bucket, monkeypatch):
     got = load_checkpoint(newest, storage_options=opts)
     assert got["global_step"] == 24
     assert_state_equal(got["state_dict"], model.state_dict(), bitwise=True)
+
+
+def test_the_standalone_pytorch_lightning_package_takes_the_plugin_too(tmp_path):
+    """``pytorch_lightning`` ships its own copy of every class; its Trainer checks
+    plugins against its own ``CheckpointIO``."""
+    ptl = pytest.importorskip("pytorch_lightning")
+    from torch import nn
+
+    class Small(ptl.LightningModule):
+        def __init__(self, width: int = 4) -> None:
+            super().__init__()
+            self.layer = nn.Linear(width, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=8)
+
+    def fit(epochs: int, model: ptl.LightningModule) -> ptl.Trainer:
+        t = ptl.Trainer(plugins=[ShardckptCheckpointIO()], accelerator="cpu", logger=False, max_epochs=epochs,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ptl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        t.fit(model, loader, ckpt_path=latest(tmp_path))
+        return t
+
+    assert fit(1, Small()).global_step == 4
+    assert fit(2, Small()).global_step == 8  # resumed at step 4
+    with pytest.raises(CheckpointMismatchError, match="layer.weight"):  # the fit check finds ptl's strategy
+        fit(3, Small(width=5))
