@@ -80,7 +80,9 @@ def save(runner: Any, out_dir: str, filename: str, *, save_optimizer: bool = Tru
 
 
 def is_ours(path: str, storage_options: StorageOptions = None) -> bool:
-    """Whether ``path`` is a shardckpt checkpoint directory (committed or torn)."""
+    """Whether ``path`` is a shardckpt checkpoint directory (committed or torn), not a file."""
+    if "://" not in path and os.path.isfile(path):
+        return False
     return is_checkpoint_dir(path, storage_options)
 
 
@@ -100,10 +102,7 @@ def read(path: str | os.PathLike[str], model: torch.nn.Module | None = None, *, 
     optimizer state is not read (``load_from``: weights only)."""
     where = os.fspath(path)
     keys = revise_keys if revise_keys is not None else [(r"^module\.", "")]
-    if not is_ours(where, storage_options):
-        if "://" in where or not os.path.isfile(where):
-            raise UnsupportedFormatError(f"{where} is neither a shardckpt checkpoint nor an MMEngine .pth file",
-                                         path=where)
+    if "://" not in where and os.path.isfile(where):  # an MMEngine .pth (a directory is ours)
         checkpoint = contents.load_pth(where)
         if model is not None:
             shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None
