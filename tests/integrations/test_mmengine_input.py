@@ -8,7 +8,6 @@ The checkpoints come from one single-process run of ``_mmengine_worker.py``.
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -80,7 +79,7 @@ def test_not_a_checkpoint(tmp_path: Path):
         read(tmp_path / "d", model())
     assert str(tmp_path / "d") in str(e.value)
     (tmp_path / "x.pth").write_bytes(b"not a torch file at all")
-    with pytest.raises(CorruptCheckpointError) as e:
+    with pytest.raises((CorruptCheckpointError, UnsupportedFormatError)) as e:
         read(tmp_path / "x.pth", model())
     assert str(tmp_path / "x.pth") in str(e.value)
     assert (tmp_path / "d" / "notes.txt").exists() and (tmp_path / "x.pth").exists()
@@ -140,7 +139,7 @@ def test_a_pth_that_needs_pickled_code_is_refused_naming_the_global(runs: Path, 
     ckpt = torch.load(runs / "native" / "iter_4.pth", weights_only=False)
     ckpt["meta"]["thing"] = Foreign()
     bad = tmp_path / "bad.pth"
-    torch.save(ckpt, bad, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    torch.save(ckpt, bad)
     with pytest.raises(UnsupportedFormatError) as e:
         read(bad)
     assert "Foreign" in str(e.value) and str(bad) in str(e.value)
