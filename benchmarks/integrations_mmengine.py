@@ -80,6 +80,7 @@ def measure(variant: str, out_dir: str, steps: int, interval: int, width: int) -
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r} (no async save in the hook yet)")
     import torch.distributed as dist
+    from mmengine.config import Config
     from mmengine.runner import Runner
 
     import shardckpt.mmengine  # noqa: F401 - registers the runner and the hook
@@ -89,7 +90,7 @@ def measure(variant: str, out_dir: str, steps: int, interval: int, width: int) -
     cfg = _config(variant, out_dir, steps, interval, width)
     if variant == "native" and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-    runner = (Runner if variant == "native" else ShardckptRunner)(**cfg)
+    runner = (Runner if variant == "native" else ShardckptRunner).from_cfg(Config(cfg))
     hook = next(h for h in runner.hooks if type(h).__name__.endswith("CheckpointHook"))
     spent = [0.0]
     inner = hook._save_checkpoint
