@@ -26,10 +26,27 @@ def format_report(r: ConvertReport) -> str:
     return "\n".join(lines)
 
 
+#: Trainer formats beyond shardckpt.convert's: a trainer's whole checkpoint imported as
+#: that integration's shardckpt checkpoint (the integration's package, imported on use).
+TRAINER_TARGETS = ("mmengine",)
+
+
 def _target(text: str) -> str:
-    if text not in TARGETS:
-        raise argparse.ArgumentTypeError(f"unknown format {text!r} (choose from {', '.join(TARGETS)})")
+    if text not in (*TARGETS, *TRAINER_TARGETS):
+        raise argparse.ArgumentTypeError(
+            f"unknown format {text!r} (choose from {', '.join((*TARGETS, *TRAINER_TARGETS))})")
     return text
+
+
+def _run_mmengine(a: argparse.Namespace, opts: dict[str, Any] | None) -> tuple[Any, int, Callable[[TextIO], None]]:
+    # imported here: shardckpt.mmengine needs MMEngine, which the rest of the CLI does not
+    from ..mmengine import convert_pth
+
+    dst = convert_pth(a.src, a.dst, storage_options=opts,
+                      compression=None if a.compression == "none" else a.compression)
+    doc = {"src": a.src, "dst": dst, "src_format": "mmengine .pth", "dst_format": "shardckpt (shardckpt.mmengine)"}
+    return doc, 0, lambda out: print(f"{a.src} (MMEngine .pth) -> {dst} (shardckpt, resumable by "
+                                     "ShardckptRunner)", file=out)
 
 
 def _shard_size(text: str) -> int:
@@ -41,6 +58,8 @@ def _shard_size(text: str) -> int:
 
 def _run(a: argparse.Namespace, opts: dict[str, Any] | None,
          progress: Any) -> tuple[Any, int, Callable[[TextIO], None]]:
+    if a.to in TRAINER_TARGETS:
+        return _run_mmengine(a, opts)
     # shardckpt.convert draws its own progress (bytes written) on stderr, bar or lines.
     report = convert(a.src, a.dst, to=a.to, only=a.only, max_shard_size=a.max_shard_size, dtype=a.dtype,
                      compression=None if a.compression == "none" else a.compression,
@@ -57,7 +76,8 @@ def add_convert_verb(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("src", help="shardckpt or DCP checkpoint, .pt/.pth/.bin, .safetensors, or a Hugging Face directory")
     s.add_argument("dst", help="*.safetensors, *.pt/*.pth, or a directory (shardckpt; HF with --max-shard-size)")
     s.add_argument("--to", type=_target, metavar="FORMAT",
-                   help="shardckpt, safetensors, torch or dcp (default: from DST's suffix)")
+                   help="shardckpt, safetensors, torch or dcp (default: from DST's suffix); mmengine: an "
+                        "MMEngine .pth as a checkpoint shardckpt.mmengine resumes from")
     s.add_argument("--only", metavar="PREFIX", help="keep keys under PREFIX. and strip it (e.g. state.model)")
     s.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE",
                    help="Hugging Face sharded layout, e.g. 5GB (10^9) or 500MiB (2^20)")
