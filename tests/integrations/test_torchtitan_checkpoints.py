@@ -17,7 +17,13 @@ import torch
 pytest.importorskip("torchtitan.components.checkpointer")
 pytest.importorskip("torchtitan.models.llama3")  # needs triton importable (its kernels module)
 
-from tests.integrations.launch import REPO_ROOT, kill_when, run_workers, start_workers, torn_checkpoints  # noqa: E402
+from tests.integrations.launch import (  # noqa: E402
+    REPO_ROOT,
+    kill_when,
+    run_workers,
+    start_workers,
+    torn_checkpoints,
+)
 
 WORKER = REPO_ROOT / "tests" / "integrations" / "_torchtitan_worker.py"
 
