@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"engine"},
     # entry points: they use one another (cli over tools and converters, manager over api)
     {"api", "state", "manager", "tools", "converters", "cli", "demo", "storage", "__init__", "__main__",
-     "integrations", "lightning", "transformers", "accelerate", "mmengine"},
+     "integrations", "lightning", "transformers", "accelerate", "mmengine", "torchtitan"},
 ]
 LAYER_OF = {name: n for n, names in enumerate(LAYERS) for name in names}
 
