@@ -137,8 +137,13 @@ class ShardckptCheckpointManager(CheckpointManager):
             return
         oldest_kept = committed[self.keep_latest_k - 1]
         for url in steps[steps.index(oldest_kept) + 1:]:
-            assert self.purge_thread is not None
-            self.purge_queue.put(url)
+            if is_checkpoint_dir(url):
+                # ours: un-commit first (manifest, then data), so a kill mid-delete leaves
+                # a torn directory resume skips, never a half-deleted "valid" one
+                CheckpointDir.at(url).delete()
+            else:
+                assert self.purge_thread is not None
+                self.purge_queue.put(url)  # a DCP step-N from before the switch: torchtitan's rmtree
 
     def _close(self) -> None:
         # a background save still writing must commit before the process may exit

@@ -140,3 +140,36 @@ def test_the_package_names_its_extra_without_torchtitan(tmp_path: Path):
     p = subprocess.run([__import__("sys").executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert 'shardckpt[torchtitan]' in p.stdout, p.stdout + p.stderr
+
+
+def test_async_saves_with_keep_latest_k_resume_like_sync_ones(saved: Path, tmp_path: Path):
+    """async_mode="async" (shardckpt's staging) saving every step with keep_latest_k=2
+    keeps the steps torchtitan's own async DCP saves keep (its purge runs at the next
+    save, never after the last one), every kept one verifies, and resuming from the
+    async step-4 ends where resuming from the sync step-4 does, bitwise."""
+    from shardckpt import verify
+
+    args = ("--steps", "4", "--interval", "1", "--async-mode", "async", "--keep", "2")
+    run(2, tmp_path / "a", tmp_path / "a4", *args)
+    run(2, tmp_path / "n", tmp_path / "n4", *args, "--manager", "native")
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoint").iterdir())
+    assert kept == sorted(p.name for p in (tmp_path / "n" / "checkpoint").iterdir())
+    assert "step-4" in kept
+    for name in kept:
+        verify(tmp_path / "a" / "checkpoint" / name)
+    assert "resumed at step 4" in run(2, tmp_path / "a", tmp_path / "a8", "--steps", "8")
+    sync = tmp_path / "s"
+    shutil.copytree(saved / "root", sync)
+    run(2, sync, tmp_path / "s8", "--steps", "8")
+    assert_same_params(final(tmp_path / "a8"), final(tmp_path / "s8"))
+
+
+def test_keep_latest_k_deletes_what_torchtitan_deletes(tmp_path: Path):
+    """Sync saves every step, keep_latest_k=2: step-1 is purged (un-committed first) as
+    torchtitan's own purge does; the same steps remain."""
+    args = ("--steps", "4", "--interval", "1", "--keep", "2")
+    run(2, tmp_path / "a", tmp_path / "a4", *args)
+    run(2, tmp_path / "n", tmp_path / "n4", *args, "--manager", "native")
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoint").iterdir())
+    assert kept == sorted(p.name for p in (tmp_path / "n" / "checkpoint").iterdir())
+    assert "step-1" not in kept and "step-4" in kept
