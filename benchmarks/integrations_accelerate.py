@@ -3,17 +3,14 @@
 
 ``measure`` runs inside each torchrun process (torch.distributed not yet initialised;
 torchrun's environment set). ``benchmarks/bench_integrations.py`` launches it, interleaves
-variants and takes medians. By hand::
+variants and takes medians. By hand, one round::
 
-    torchrun --nproc-per-node=2 benchmarks/integrations_accelerate.py --variant sync --out /tmp/b
+    python benchmarks/bench_integrations.py --trainers accelerate --repeats 1
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 
 import torch
@@ -70,22 +67,3 @@ def measure(variant: str, out_dir: str, steps: int, interval: int, width: int) -
         sca.wait(acc)  # the run's end: the last checkpoint committed
         spent += time.perf_counter() - t0
     return spent
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--variant", choices=VARIANTS, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--interval", type=int, default=5)
-    p.add_argument("--width", type=int, default=1024)
-    a = p.parse_args()
-    seconds = measure(a.variant, a.out, a.steps, a.interval, a.width)
-    print(json.dumps({"variant": a.variant, "rank": int(os.environ.get("RANK", "0")), "seconds": seconds}))
-    # Skip finalization: freeing DDP's gloo group at exit can deadlock against the GIL (torch, CPU).
-    sys.stdout.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,8 @@
 spends checkpointing in a short DDP run, with its native checkpoints or with
 ``ShardckptTrainer`` (sync and async). ``benchmarks/bench_integrations.py``
 launches it with torchrun (2 processes, gloo), interleaves the variants and takes
-medians; ``measure`` runs inside each process.
+medians; ``measure`` runs inside each process. By hand, one round:
+``python benchmarks/bench_integrations.py --trainers transformers --repeats 1``.
 
 Measured per rank with ``time.perf_counter``: the time inside Trainer's
 ``_save_checkpoint`` (native: model files, optimizer, scheduler, RNG and
@@ -95,27 +96,3 @@ def measure(variant: str, out_dir: str, steps: int, interval: int, width: int) -
         trainer = _timed(ShardckptTrainer)(**kw, async_save=variant == "async")
     trainer.train()
     return float(trainer.checkpoint_seconds)
-
-
-if __name__ == "__main__":  # a quick look by hand: torchrun --nproc-per-node=2 benchmarks/integrations_transformers.py
-    import sys
-    import tempfile
-
-    import torch.distributed as dist
-
-    width = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
-    for v in VARIANTS * 2:
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, v)
-            if dist.is_initialized():  # every rank writes into rank 0's directory
-                box = [out]
-                dist.broadcast_object_list(box, src=0)
-                out = box[0]
-            s = measure(v, out, steps=20, interval=5, width=width)
-            print(f"rank {os.environ.get('RANK', 0)} {v:6s} width={width} checkpoint seconds: {s:.3f}", flush=True)
-            if dist.is_initialized():
-                dist.barrier()
-    import shardckpt
-
-    shardckpt.close()
-    os._exit(0)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..api import async_save, load, save
 from ..engine.async_save import AsyncSaveHandle
 from ..errors import CheckpointMismatchError, CorruptCheckpointError, UnsupportedFormatError
-from ..format.entries import ObjectEntry, TensorEntry
+from ..format.entries import TensorEntry
 from ..format.layout import dtype_from_name
 from ..format.manifest import Manifest
 from ..store import CheckpointDir
@@ -87,11 +87,8 @@ def _template(manifest: Manifest, keys: list[str], live: Mapping[str, Any]) -> d
             out[key] = live[key]
             continue
         e = manifest.entries[key]
-        if isinstance(e, TensorEntry):
-            out[key] = torch.empty(e.shape, dtype=dtype_from_name(e.dtype))
-        else:
-            assert isinstance(e, ObjectEntry)
-            out[key] = None
+        # a non-tensor value (an ObjectEntry) is replaced by the load, not filled
+        out[key] = torch.empty(e.shape, dtype=dtype_from_name(e.dtype)) if isinstance(e, TensorEntry) else None
     return out
 
 

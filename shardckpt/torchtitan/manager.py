@@ -141,8 +141,7 @@ class ShardckptCheckpointManager(CheckpointManager):
                 # ours: un-commit first (manifest, then data), so a kill mid-delete leaves
                 # a torn directory resume skips, never a half-deleted "valid" one
                 CheckpointDir.at(url).delete()
-            else:
-                assert self.purge_thread is not None
+            else:  # the queue and its thread exist whenever keep_latest_k > 0 (_should_purge)
                 self.purge_queue.put(url)  # a DCP step-N from before the switch: torchtitan's rmtree
 
     def _close(self) -> None:
